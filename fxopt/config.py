@@ -1,0 +1,69 @@
+"""The one place where fxopt reads its environment.
+
+Every knob is read when asked for (not at import), so tests can set variables with
+``monkeypatch.setenv`` and see the effect immediately.
+
+| variable                    | meaning                                              | default              |
+|-----------------------------|------------------------------------------------------|----------------------|
+| FXOPT_DEBUG                 | 0 quiet, 1 pass summaries, 2 per-rule detail, 3 dumps | 0                    |
+| FXOPT_DUMP_DIR              | where debug dumps (graphs, kernel source) go         | unset (no dumps)     |
+| FXOPT_CACHE_DIR             | on-disk kernel cache                                 | ~/.cache/fxopt       |
+| FXOPT_BACKEND               | codegen backend: triton, cuda, torch                 | triton               |
+| FXOPT_SHAPE_CACHE_SIZE      | specialisations kept per OptimizedModule             | 8                    |
+| FXOPT_FUZZ_EXAMPLES         | examples for the fuzz tests                          | 200                  |
+| FXOPT_HYPOTHESIS_PROFILE    | hypothesis profile for the tests (ci, dev)           | ci                   |
+| FXOPT_PROGRESS              | print capture progress for long captures (0/1)       | 1 when stderr is tty |
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:  # a clear message beats a ValueError from deep inside
+        from .errors import FxoptError
+
+        raise FxoptError(f"environment variable {name}={raw!r} must be an integer") from exc
+
+
+@dataclass(frozen=True)
+class Config:
+    debug: int
+    dump_dir: Path | None
+    cache_dir: Path
+    backend: str
+    shape_cache_size: int
+    fuzz_examples: int
+    hypothesis_profile: str
+    progress: bool
+
+
+def get_config() -> Config:
+    dump = os.environ.get("FXOPT_DUMP_DIR")
+    cache = os.environ.get("FXOPT_CACHE_DIR") or str(Path.home() / ".cache" / "fxopt")
+    progress_env = os.environ.get("FXOPT_PROGRESS")
+    progress = sys.stderr.isatty() if progress_env is None else progress_env not in ("0", "", "false")
+    return Config(
+        debug=_int("FXOPT_DEBUG", 0),
+        dump_dir=Path(dump) if dump else None,
+        cache_dir=Path(cache),
+        backend=os.environ.get("FXOPT_BACKEND", "triton"),
+        shape_cache_size=max(1, _int("FXOPT_SHAPE_CACHE_SIZE", 8)),
+        fuzz_examples=_int("FXOPT_FUZZ_EXAMPLES", 200),
+        hypothesis_profile=os.environ.get("FXOPT_HYPOTHESIS_PROFILE", "ci"),
+        progress=progress,
+    )
+
+
+def debug_log(level: int, msg: str) -> None:
+    """Print ``msg`` to stderr when FXOPT_DEBUG >= level."""
+    if get_config().debug >= level:
+        print(f"[fxopt] {msg}", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""Small helpers over ``torch.fx`` graphs shared by capture, passes and inspection."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.node import Node, map_arg
+
+PROVENANCE_KEY = "fxopt_provenance"
+
+
+def op_name(node: Node) -> str:
+    """A short, stable name for what a node computes: ``aten.add.Tensor``, ``placeholder``..."""
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            ns, name = target.namespace, target._schema.name.split("::")[-1]
+            overload = target._overloadname
+            return f"{ns}.{name}.{overload}" if overload else f"{ns}.{name}"
+        return getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+    if node.op == "call_method":
+        return f"method.{node.target}"
+    if node.op == "call_module":
+        return f"module.{node.target}"
+    return node.op
+
+
+def node_val(node: object):
+    """The fake tensor (or value) recorded by capture for ``node``; the value itself for literals."""
+    if isinstance(node, Node):
+        return node.meta.get("val")
+    return node
+
+
+def fake_mode_of(graph_module: torch.fx.GraphModule):
+    """The FakeTensorMode that produced the graph's ``meta['val']`` entries (None if absent)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for node in graph_module.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+        if isinstance(val, (list, tuple)):
+            for v in val:
+                if isinstance(v, FakeTensor):
+                    return v.fake_mode
+    return None
+
+
+def _attr(graph_module: torch.nn.Module, qualname: str):
+    obj = graph_module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def propagate_meta(graph_module: torch.fx.GraphModule, nodes: Iterable[Node]) -> None:
+    """Fill ``meta['val']`` for ``nodes`` (in the order given, which must be topological)
+    by running their targets on the fake values of their inputs.
+
+    Passes call this for the nodes they create so later passes, the linter and
+    inspection see shapes and dtypes on every node, without re-propagating the
+    whole graph (which costs seconds on unrolled loops).
+    """
+    mode = fake_mode_of(graph_module)
+    ctx = mode if mode is not None else contextlib.nullcontext()
+    with ctx:
+        for node in nodes:
+            if node.op == "get_attr":
+                real = _attr(graph_module, str(node.target))
+                node.meta["val"] = mode.from_tensor(real) if (mode is not None and isinstance(real, torch.Tensor)) else real
+                continue
+            if node.op != "call_function":
+                continue
+            args = map_arg(node.args, lambda n: n.meta.get("val"))
+            kwargs = map_arg(node.kwargs, lambda n: n.meta.get("val"))
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+def mark_provenance(
+    new_nodes: Sequence[Node],
+    *,
+    rule: str,
+    pass_name: str,
+    replaced: Sequence[Node],
+    source: str | None = None,
+) -> None:
+    """Record on each new node which rule made it and from which original nodes.
+
+    Module-stack and stack-trace metadata are copied from the last replaced node, so
+    inspection can still group rewritten nodes by model layer.
+    """
+    anchor = replaced[-1] if replaced else None
+    info = {
+        "rule": rule,
+        "pass": pass_name,
+        "from": [n.name for n in replaced],
+        "source": source,
+    }
+    for node in new_nodes:
+        node.meta[PROVENANCE_KEY] = dict(info)
+        if anchor is not None:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in anchor.meta and key not in node.meta:
+                    node.meta[key] = anchor.meta[key]
+
+
+def erase_dead_code(graph_module: torch.fx.GraphModule) -> int:
+    """Remove pure nodes without users. Returns how many were removed."""
+    before = len(graph_module.graph.nodes)
+    graph_module.graph.eliminate_dead_code()
+    return before - len(graph_module.graph.nodes)
+
+
+def count_nodes(graph_module: torch.fx.GraphModule, op: str | None = None) -> int:
+    if op is None:
+        return len(graph_module.graph.nodes)
+    return sum(1 for n in graph_module.graph.nodes if op_name(n) == op or n.target == op)
+
+
+def to_networkx(graph_module: torch.fx.GraphModule):
+    """The data-flow graph as a ``networkx.DiGraph`` (node name -> user names)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for node in graph_module.graph.nodes:
+        g.add_node(node.name, op=op_name(node))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g

@@ -1,0 +1,149 @@
+"""``fxopt.optimize``: capture, rewrite, and serve a model, re-specialising per input shape."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from .capture import capture, normalize_call
+from .config import get_config
+from .errors import FxoptError
+from .pass_manager import PassManager, Report
+from .registry import PassSpec, resolve_passes
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of the graph but the *same* parameter and buffer
+    tensors (a 2.8B-parameter model must not be duplicated to keep a before-picture)."""
+    graph = torch.fx.Graph()
+    # The codegen object holds the pytree in/out specs; it is never mutated, so share it.
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _leaf_key(x: Any):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, x.device.type, x.device.index, x.requires_grad)
+    if isinstance(x, (int, float, bool, str, type(None))):
+        return ("V", type(x).__name__, x)
+    return ("O", type(x).__qualname__, repr(x))
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """What a captured graph is specialised on: the pytree structure, every tensor's
+    shape/dtype/device, and every non-tensor value."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (str(spec), tuple(_leaf_key(x) for x in leaves))
+
+
+@dataclass
+class Specialization:
+    original: torch.fx.GraphModule
+    optimized: torch.fx.GraphModule
+    report: Report
+
+
+class OptimizedModule(torch.nn.Module):
+    """A model rewritten by fxopt passes. Call it like the model.
+
+    New input shapes trigger a new capture + rewrite, kept in a bounded LRU cache
+    (``FXOPT_SHAPE_CACHE_SIZE``, default 8). The user's model is referenced, never
+    modified; rewritten graphs share its parameter tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
+                 passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None):
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise FxoptError(f"optimize needs a torch.nn.Module, got {type(model).__name__}")
+        # Stored outside nn.Module registration so our state_dict()/parameters() do not
+        # re-export the user's model under a new prefix.
+        object.__setattr__(self, "_model", model)
+        self._pass_specs = list(passes) if passes is not None else None
+        resolve_passes(self._pass_specs)  # fail now, not at first call, on an unknown name
+        self._cache: OrderedDict[tuple, Specialization] = OrderedDict()
+        self._cache_size = cache_size or get_config().shape_cache_size
+        self._last: Specialization | None = None
+        args, kwargs = normalize_call(model, args, kwargs)
+        self._specialize(args, kwargs, call_signature(args, kwargs))
+
+    # ------------------------------------------------------------------ internals
+    def _specialize(self, args: tuple, kwargs: dict, key: tuple) -> Specialization:
+        model = self._model
+        captured = capture(model, args, kwargs)
+        report = Report(capture_seconds=captured.meta.get("fxopt_capture_seconds", 0.0),
+                        nodes_captured=len(captured.graph.nodes), model=type(model).__name__)
+        t0 = time.perf_counter()
+        work = copy_graph_module(captured)
+        report.copy_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+        optimized, report = PassManager(resolve_passes(self._pass_specs)).run(work, report)
+        spec = Specialization(captured, optimized, report)
+        self._cache[key] = spec
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        self._last = spec
+        return spec
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = normalize_call(self._model, args, kwargs)
+        key = call_signature(args, kwargs)
+        spec = self._cache.get(key)
+        if spec is None:
+            spec = self._specialize(args, kwargs, key)
+        else:
+            self._cache.move_to_end(key)
+            self._last = spec
+        return spec.optimized(*args, **kwargs)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The rewritten graph of the most recently used specialisation."""
+        return self._last.optimized
+
+    @property
+    def original_graph_module(self) -> torch.fx.GraphModule:
+        """The graph as captured, before any pass (same specialisation as graph_module)."""
+        return self._last.original
+
+    @property
+    def specializations(self) -> int:
+        return len(self._cache)
+
+    def report(self) -> Report:
+        return self._last.report
+
+    def kernel_sources(self) -> dict[str, str]:
+        """Generated kernel source for every fused node of the current graph."""
+        from . import codegen
+
+        fn = getattr(codegen, "kernel_sources", None)
+        return fn(self.graph_module) if fn is not None else {}
+
+    def extra_repr(self) -> str:
+        return f"model={type(self._model).__name__}, specializations={len(self._cache)}"
+
+
+def optimize(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
+             passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None) -> OptimizedModule:
+    """Capture ``model(*args, **kwargs)``, run ``passes`` (names or Pass objects; None =
+    the library defaults) and return a module that computes the same thing.
+
+    >>> opt = fxopt.optimize(model, (input_ids,))
+    >>> logits = opt(input_ids).logits
+    >>> print(opt.report())
+    """
+    return OptimizedModule(model, args, kwargs, passes, cache_size=cache_size)
