@@ -56,15 +56,16 @@ def _attr(graph_module: torch.nn.Module, qualname: str):
     return obj
 
 
-def propagate_meta(graph_module: torch.fx.GraphModule, nodes: Iterable[Node]) -> None:
+def propagate_meta(graph_module: torch.fx.GraphModule, nodes: Iterable[Node], mode=None) -> None:
     """Fill ``meta['val']`` for ``nodes`` (in the order given, which must be topological)
     by running their targets on the fake values of their inputs.
 
     Passes call this for the nodes they create so later passes, the linter and
     inspection see shapes and dtypes on every node, without re-propagating the
-    whole graph (which costs seconds on unrolled loops).
+    whole graph (which costs seconds on unrolled loops). ``mode``: the FakeTensorMode
+    to run in (default: the one that made the graph's existing values).
     """
-    mode = fake_mode_of(graph_module)
+    mode = mode if mode is not None else fake_mode_of(graph_module)
     ctx = mode if mode is not None else contextlib.nullcontext()
     with ctx:
         for node in nodes:

@@ -38,6 +38,7 @@ class Report:
     nodes_captured: int = 0
     nodes_final: int = 0
     model: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def matches(self) -> dict[str, int]:
@@ -69,6 +70,7 @@ class Report:
             "matches": self.matches,
             "rule_hits": self.rule_hits,
             "passes": [r.__dict__ for r in self.records],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -83,6 +85,7 @@ class Report:
         lines = [f"fxopt report for {self.model}" if self.model else "fxopt report", fmt(head),
                  "  ".join("-" * w for w in widths)]
         lines += [fmt(r) for r in rows]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -43,16 +43,9 @@ def tiny_gpt_neox(parallel_residual: bool = True, seed: int = 0, **overrides):
 
 def gpt_neox_2_8b_config(**overrides):
     """Pythia-2.8B's shape (32 layers, hidden 2560, 32 heads, parallel residual)."""
-    return gpt_neox_config(
-        True,
-        vocab_size=50304,
-        hidden_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        intermediate_size=10240,
-        max_position_embeddings=2048,
-        **overrides,
-    )
+    shape = dict(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                 intermediate_size=10240, max_position_embeddings=2048)
+    return gpt_neox_config(True, **{**shape, **overrides})
 
 
 def hf_mamba_config(**overrides) -> "transformers.MambaConfig":
@@ -68,4 +61,4 @@ def tiny_hf_mamba(seed: int = 0, **overrides):
 
 def mamba_130m_config(**overrides):
     """mamba-130m's shape: 24 layers, d_model 768, d_state 16, expand 2."""
-    return hf_mamba_config(vocab_size=50280, hidden_size=768, num_hidden_layers=24, **overrides)
+    return hf_mamba_config(**{"vocab_size": 50280, "hidden_size": 768, "num_hidden_layers": 24, **overrides})

@@ -1,0 +1,244 @@
+"""Selective-scan benchmark (GPU).
+
+    python benchmarks/scan.py                 # kernel table + end-to-end HF Mamba 130m shape
+    python benchmarks/scan.py --skip-compile  # without torch.compile (L=512 compile takes minutes)
+    python benchmarks/scan.py --skip-e2e      # kernel table only
+    python benchmarks/scan.py --tune          # sweep block shapes of the Triton kernel
+    python benchmarks/scan.py --json out.json
+
+Kernel table, per shape (b, L, d, n): the eager loop (the seed-style Python loop of
+``fxopt.models.seed_mamba.selective_scan`` without the D term folded differently), torch.compile of
+that loop (L=512 only, with its compile time), the fxopt kernel (``fxopt::selective_scan`` CUDA
+impl), the HBM floor (bytes of u, delta, B, C read and y written / measured copy bandwidth) and the
+fraction of the floor reached. Times are ``triton.testing.do_bench`` medians. Every fxopt timing is
+preceded by a correctness check against the reference on the same random data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = [(1, 2048, 1536, 16), (4, 2048, 5120, 16), (1, 512, 1536, 16)]
+# mamba_ssm selective_scan_cuda.fwd, H100, from the issue (same shapes)
+PEER_MS = {(1, 2048, 1536, 16): 0.127, (4, 2048, 5120, 16): 1.38, (1, 512, 1536, 16): 0.047}
+
+
+def make_inputs(b, L, d, n, dtype=torch.float32, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    u = torch.randn(b, d, L, device=device, generator=g).to(dtype)
+    delta = torch.nn.functional.softplus(torch.randn(b, d, L, device=device, generator=g) - 2.0).to(dtype)
+    A = -torch.exp(torch.randn(d, n, device=device, generator=g) * 0.5)
+    B = torch.randn(b, n, L, device=device, generator=g).to(dtype)
+    C = torch.randn(b, n, L, device=device, generator=g).to(dtype)
+    D = torch.randn(d, device=device, generator=g)
+    return u, delta, A, B, C, D
+
+
+def eager_loop(u, delta, A, B, C, D):
+    """The seed-style loop in the (b, d, l) layout of the op."""
+    from fxopt.models.seed_mamba import selective_scan
+
+    return selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D).transpose(1, 2)
+
+
+def copy_bandwidth(device="cuda"):
+    from triton.testing import do_bench
+
+    x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (ms * 1e-3)  # bytes/s
+
+
+def floor_bytes(b, L, d, n, esize):
+    return (3 * b * d * L + 2 * b * n * L) * esize + d * n * 4 + d * 4
+
+
+def check(y, ref, what):
+    err = (y.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item() + 1e-6
+    ok = err <= 1e-3 * scale
+    if not ok:
+        print(f"  !! {what}: max err {err:.3e} (scale {scale:.3e})", flush=True)
+    return ok, err / scale
+
+
+def kernel_rows(args, bw):
+    from triton.testing import do_bench
+
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref
+
+    rows = []
+    for (b, L, d, n) in SHAPES:
+        for dtype in ([torch.float32] + ([torch.bfloat16] if args.dtypes_all else [])):
+            x = make_inputs(b, L, d, n, dtype)
+            ref, _ = selective_scan_ref(*x)
+            y, _ = st.selective_scan_triton(*x)
+            ok, rel = check(y, ref, f"fxopt {b,L,d,n}")
+            cfg = st.choose_config(b, d, L, n)
+            t_fx = do_bench(lambda: st.selective_scan_triton(*x))
+            row = dict(shape=[b, L, d, n], dtype=str(dtype).split(".")[-1], fxopt_ms=t_fx, correct=ok, rel_err=rel, config=cfg)
+            fb = floor_bytes(b, L, d, n, x[0].element_size())
+            row["floor_ms"] = fb / bw * 1e3
+            row["frac_floor"] = row["floor_ms"] / t_fx
+            row["peer_mamba_ssm_ms"] = PEER_MS.get((b, L, d, n))
+            if not args.skip_eager and dtype == torch.float32:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                eager_loop(*x)
+                torch.cuda.synchronize()
+                reps = 3 if L <= 512 else 1
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    eager_loop(*x)
+                torch.cuda.synchronize()
+                row["eager_ms"] = (time.perf_counter() - t0) / reps * 1e3
+            if not args.skip_compile and L == 512 and dtype == torch.float32:
+                torch._dynamo.reset()
+                fn = torch.compile(eager_loop)
+                t0 = time.perf_counter()
+                fn(*x)
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t0
+                row["compiled_ms"] = do_bench(lambda: fn(*x))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def tune(args, bw):
+    from triton.testing import do_bench
+
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref
+
+    out = []
+    for (b, L, d, n) in SHAPES:
+        x = make_inputs(b, L, d, n)
+        ref, _ = selective_scan_ref(*x)
+        fb = floor_bytes(b, L, d, n, 4)
+        floor_ms = fb / bw * 1e3
+        best = None
+        gs = [1, 4, 8, 16, 32] if b * d <= 2048 else [1, 2]
+        cfgs = []
+        for spec in args.blocks.split(";"):
+            kind, BD, nw = spec.split(",")
+            for G in gs:
+                if kind == "chunk":
+                    cfgs.append(dict(kind="chunk", BD=int(BD), T=16, G=G, num_warps=int(nw)))
+                else:
+                    cfgs.append(dict(kind="seq", BD=int(BD), G=G, num_warps=int(nw), num_stages=args.stages))
+        for cfg in cfgs:
+                try:
+                    y, _ = st.selective_scan_triton(*x, config=cfg)
+                    ok, rel = check(y, ref, f"{cfg}")
+                    t = do_bench(lambda: st.selective_scan_triton(*x, config=cfg))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                rec = dict(shape=[b, L, d, n], cfg=cfg, ms=t, ok=ok, frac=floor_ms / t)
+                out.append(rec)
+                if ok and (best is None or t < best["ms"]):
+                    best = rec
+                print(f"{b,L,d,n} {cfg} {t:.4f} ms  floor {floor_ms:.4f}  ok={ok}", flush=True)
+        print("BEST", json.dumps(best), flush=True)
+        dflt = st.choose_config(b, d, L, n)
+        print("DEFAULT", dflt, flush=True)
+    return out
+
+
+def e2e_rows(args):
+    """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"])."""
+    import fxopt
+    from fxopt.models.hf import mamba_130m_config
+
+    import transformers
+
+    rows = []
+    for L in args.e2e_lengths:
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda", dtype)
+            ids = torch.randint(0, 50280, (1, L), device="cuda")
+            with torch.no_grad():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                ref = model(ids, use_cache=False).logits
+                torch.cuda.synchronize()
+                eager_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                opt = fxopt.optimize(model, (ids,), passes=["scan"])
+                optimize_s = time.perf_counter() - t0
+                out = opt(ids)
+                logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+                torch.cuda.synchronize()
+                from triton.testing import do_bench
+
+                fx_ms = do_bench(lambda: opt(ids), warmup=2, rep=20)
+            err = (logits.float() - ref.float()).abs().max().item()
+            row = dict(L=L, dtype=str(dtype).split(".")[-1], eager_ms=eager_s * 1e3, fxopt_ms=fx_ms,
+                       speedup=eager_s * 1e3 / fx_ms, optimize_s=optimize_s, max_abs_logit_diff=err)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-eager", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--dtypes-all", action="store_true", help="also time bf16 inputs")
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--blocks", default="chunk,8,2;seq,16,1;seq,32,1;seq,32,2;seq,64,2;seq,64,4;seq,128,4", help="tune: 'kind,BD,warps;...'")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/scan.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, copy_bw_TBps=bw / 1e12,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.tune:
+        result["tune"] = tune(args, bw)
+    else:
+        if not args.skip_kernels:
+            result["kernels"] = kernel_rows(args, bw)
+            print_table(result["kernels"])
+        if not args.skip_e2e:
+            result["e2e"] = e2e_rows(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def print_table(rows):
+    hdr = f"{'shape (b,L,d,n)':22} {'dtype':8} {'eager ms':>10} {'compile ms':>10} {'compile s':>9} {'fxopt ms':>9} {'floor ms':>9} {'% floor':>8} {'mamba_ssm':>9}"
+    print(hdr)
+    for r in rows:
+        f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        print(f"{str(tuple(r['shape'])):22} {r['dtype']:8} {f('eager_ms', '%10.2f'):>10} {f('compiled_ms', '%10.3f'):>10} "
+              f"{f('compile_s', '%9.1f'):>9} {r['fxopt_ms']:9.4f} {r['floor_ms']:9.4f} {100 * r['frac_floor']:7.1f}% {f('peer_mamba_ssm_ms', '%9.3f'):>9}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Triton kernels for the scan custom ops (:mod:`fxopt.ops.scan`), each beside its ``_ref``.
+
+Selective scan (``fxopt::selective_scan``), chunked along L:
+
+* the sequence is cut into ``G`` groups (one program per (channel block, group, batch)); each
+  group is walked in chunks of ``T`` steps. Inside a chunk the recurrence is solved with
+  ``tl.associative_scan`` over the time axis of a ``[BD, N, T]`` tile with the combine
+  ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``; the chunk's carry-in state is applied
+  afterwards (``h_t = A_t h_in + B_t``), so the exp/FMA work of a chunk is independent of the
+  previous chunk and only one FMA per element sits on the sequential path.
+* with ``G > 1`` (small batch * channels: not enough programs to fill the GPU otherwise) a first,
+  cheaper kernel computes each group's end state from zero (closed form with a cumulative sum
+  of delta, no scan) and its delta sum; the main kernel folds the aggregates of the preceding
+  groups into its carry-in (``h = exp(A sum delta) h + S``), reading a few KiB from L2.
+* the (b, d, l, n) tensors live only in registers; u, delta, B, C, z are read once (twice for
+  u, delta, B when ``G > 1``) and y written once. State and arithmetic in fp32.
+
+General linear scan (``fxopt::linear_scan``): the same chunked associative scan over a flattened
+``(L, M)`` layout (broadcast inputs are materialised; readouts are contracted by torch).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from ..ops.scan import linear_scan_ref, selective_scan_ref  # noqa: F401  (the references)
+
+
+def _fix_interpreter_index() -> None:
+    """Triton's interpreter turns runtime ints into 1-element numpy arrays and converts them with
+    ``int(arr)``, which numpy >= 2.? refuses for 1-d arrays: loops with runtime bounds then fail
+    under TRITON_INTERPRET=1. Patch its ``tensor.__index__`` to take the single element."""
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_fxopt_fixed", False):
+        return
+    import numpy as np
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._fxopt_fixed = True
+    _interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_index()
+
+selective_scan_triton_ref = selective_scan_ref
+linear_scan_triton_ref = linear_scan_ref
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _ssm_group_state_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, S_ptr, ds_ptr,
+    D_, N_, L_, LG, G,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
+):
+    """End state (from zero) and delta sum of group ``g`` -> S[b, g, d, n], ds[b, g, d]."""
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    md = offs_d < D_
+    mn = offs_n < N_
+    A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=md[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+    S = tl.zeros((BD, NP), dtype=tl.float32)
+    dsum = tl.zeros((BD,), dtype=tl.float32)
+    l0 = g * LG
+    for c in range(0, LG, T):
+        tt = l0 + c + offs_t
+        mt = tt < L_
+        m2 = md[:, None] & mt[None, :]
+        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_bb + offs_n[:, None] * s_bn + tt[None, :] * s_bl, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
+        cum = tl.cumsum(dt, axis=1)
+        tot = tl.sum(dt, axis=1)
+        w = tl.exp2((tot[:, None] - cum)[:, None, :] * A[:, :, None])           # [BD, NP, T]
+        contrib = tl.sum(w * (dt * u)[:, None, :] * Bv[None, :, :], axis=2)     # [BD, NP]
+        S = tl.exp2(A * tot[:, None]) * S + contrib
+        dsum += tot
+    sp = S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :]
+    tl.store(sp, S, mask=md[:, None])
+    tl.store(ds_ptr + (b * G + g) * D_ + offs_d, dsum, mask=md)
+
+
+@triton.jit
+def _ssm_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+    D_, N_, L_, LG, G, GM1,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    s_cb, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    md = offs_d < D_
+    mn = offs_n < N_
+    mdn = md[:, None] & mn[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mdn, other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634
+    if HAS_H0:
+        h = tl.load(h0_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BD, NP), dtype=tl.float32)
+    # carry-in: fold the aggregates of the groups before this one
+    # (a fixed trip count with a predicate: loops bounded by program ids upset the interpreter)
+    for gp in range(0, GM1):
+        keep = gp < g
+        Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
+        dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
+        h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+    if HAS_D:
+        Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    is_last = (offs_t == T - 1)[None, None, :]
+    l0 = g * LG
+    for c in range(0, LG, T):
+        tt = l0 + c + offs_t
+        mt = tt < L_
+        m2 = md[:, None] & mt[None, :]
+        mnt = mn[:, None] & mt[None, :]
+        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_bb + offs_n[:, None] * s_bn + tt[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * s_cb + offs_n[:, None] * s_cn + tt[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A[:, :, None])                  # [BD, NP, T]; 1 where masked (dt = 0)
+        x = (dt * u)[:, None, :] * Bv[None, :, :]                    # 0 where masked
+        aa, bb = tl.associative_scan((a, x), 2, _combine)
+        hs = aa * h[:, :, None] + bb
+        yv = tl.sum(hs * Cv[None, :, :], axis=1)                     # [BD, T]
+        h = tl.sum(tl.where(is_last, hs, 0.0), axis=2)
+        if HAS_D:
+            yv += u * Dv[:, None]
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + tt[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
+            yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+        tl.store(y_ptr + b * s_yb + offs_d[:, None] * s_yd + tt[None, :] * s_yl, yv.to(y_ptr.dtype.element_ty), mask=m2)
+    if g == G - 1:
+        tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
+
+
+@triton.jit
+def _ssm_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+    D_, N_, L_, LG, G, GM1,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    s_cb, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STATE_ONLY: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr,
+):
+    """One step per iteration, state [BD, NP] in registers; only the FMA ``h = a h + x`` is on
+    the sequential path (exp, loads and the readout of step t overlap step t+1).
+    STATE_ONLY: the group pre-pass (end state from zero and delta sum of group g)."""
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    md = offs_d < D_
+    mn = offs_n < N_
+    mdn = md[:, None] & mn[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mdn, other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634
+    if HAS_H0 and not STATE_ONLY:
+        h = tl.load(h0_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BD, NP), dtype=tl.float32)
+    if not STATE_ONLY:
+        for gp in range(0, GM1):
+            keep = gp < g
+            Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
+            dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
+            h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+    if HAS_D:
+        Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    dsum = tl.zeros((BD,), dtype=tl.float32)
+    l0 = g * LG
+    u_base = u_ptr + b * s_ub + offs_d * s_ud
+    t_base = dt_ptr + b * s_tb + offs_d * s_td
+    B_base = B_ptr + b * s_bb + offs_n * s_bn
+    C_base = C_ptr + b * s_cb + offs_n * s_cn
+    z_base = z_ptr + b * s_zb + offs_d * s_zd
+    y_base = y_ptr + b * s_yb + offs_d * s_yd
+    for i in range(0, LG):
+        t = l0 + i
+        ok = t < L_
+        dt = tl.load(t_base + t * s_tl, mask=md & ok, other=0.0).to(tl.float32)
+        u = tl.load(u_base + t * s_ul, mask=md & ok, other=0.0).to(tl.float32)
+        Bt = tl.load(B_base + t * s_bl, mask=mn & ok, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None] * A)
+        h = a * h + (dt * u)[:, None] * Bt[None, :]
+        if STATE_ONLY:
+            dsum += dt
+        else:
+            Ct = tl.load(C_base + t * s_cl, mask=mn & ok, other=0.0).to(tl.float32)
+            yv = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                yv += u * Dv
+            if HAS_Z:
+                zv = tl.load(z_base + t * s_zl, mask=md & ok, other=0.0).to(tl.float32)
+                yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+            tl.store(y_base + t * s_yl, yv.to(y_ptr.dtype.element_ty), mask=md & ok)
+    if STATE_ONLY:
+        tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], h, mask=md[:, None])
+        tl.store(ds_ptr + (b * G + g) * D_ + offs_d, dsum, mask=md)
+    else:
+        if g == G - 1:
+            tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Per-shape launch choices (filled by tuning; overridable for experiments).
+_CONFIG_OVERRIDE: dict = {}
+
+
+def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> dict:
+    """Launch choice for a selective scan of this size. Measured on an H100 (benchmarks/scan.py
+    --tune): the one-step-per-iteration kernel with 32 channels per one-warp program beats the
+    chunked associative-scan kernel at every measured shape; the sequence is split into G groups
+    until there are enough programs to fill the GPU (G=32 at b1 d1536 L2048, 16 at L512, 1 at b4
+    d5120)."""
+    if _CONFIG_OVERRIDE:
+        return dict(_CONFIG_OVERRIDE)
+    NP = _next_pow2(max(n, 1))
+    BD = 32 if NP <= 16 else max(4, 512 // NP)
+    BD = min(BD, max(4, _next_pow2(d)))
+    nprog = bsz * triton.cdiv(d, BD)
+    G = 1
+    if nprog < 2 * _sm_count(device_index):
+        while G * 2 <= min(32, max(1, L // 32)):
+            G *= 2
+    return dict(kind="seq", BD=BD, G=G, num_warps=1, num_stages=2)
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    h0: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    config: Optional[dict] = None,
+) -> tuple[Tensor, Tensor]:
+    if any(t is not None and t.dtype == torch.float64 for t in (u, delta, A, B, C, D, z, h0)):
+        return selective_scan_ref(u, delta, A, B, C, D, z, h0, out_dtype)
+    bsz, d, L = u.shape
+    n = A.shape[-1]
+    out_dtype = out_dtype or u.dtype
+    y = torch.empty((bsz, d, L), dtype=out_dtype, device=u.device)
+    hl = torch.empty((bsz, d, n), dtype=torch.float32, device=u.device)
+    if L == 0 or bsz == 0 or d == 0:
+        if h0 is not None:
+            hl.copy_(h0.expand(bsz, d, n))
+        else:
+            hl.zero_()
+        return y, hl
+    cfg = dict(config) if config else choose_config(bsz, d, L, n, u.device.index or 0)
+    BD, T, G = cfg["BD"], cfg.get("T", 16), cfg["G"]
+    NP = _next_pow2(max(n, 1))
+    LG = triton.cdiv(triton.cdiv(L, G), T) * T
+    G = triton.cdiv(L, LG)
+    if h0 is not None:
+        h0 = h0.to(torch.float32).expand(bsz, d, n).contiguous()
+    dummy = y
+    grid = (triton.cdiv(d, BD), G, bsz)
+    seq = cfg.get("kind", "chunk") == "seq"
+    if seq:
+        LG = triton.cdiv(L, cfg["G"])
+        G = triton.cdiv(L, LG)
+    if G > 1:
+        S = torch.empty((bsz, G, d, NP), dtype=torch.float32, device=u.device)
+        ds = torch.empty((bsz, G, d), dtype=torch.float32, device=u.device)
+    else:
+        S = ds = hl
+    zz = z if z is not None else dummy
+    zs = z.stride() if z is not None else (0, 0, 0)
+    if seq:
+        common = dict(BD=BD, NP=NP, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        if G > 1:
+            _ssm_seq_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
+                u, delta, A, B, C, dummy, zz, dummy, y, hl, S, ds, d, n, L, LG, G, G - 1,
+                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
+                HAS_D=False, HAS_Z=False, HAS_H0=False, STATE_ONLY=True, **common)
+        _ssm_seq_kernel[grid if G == grid[1] else (grid[0], G, bsz)](
+            u, delta, A, B, C, D if D is not None else dummy, zz, h0 if h0 is not None else dummy, y, hl, S, ds,
+            d, n, L, LG, G, G - 1,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STATE_ONLY=False, **common)
+        return y, hl
+    if G > 1:
+        _ssm_group_state_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
+            u, delta, A, B, S, ds, d, n, L, LG, G,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
+            BD=BD, NP=NP, T=T, num_warps=cfg.get("num_warps", 4),
+        )
+    _ssm_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        h0 if h0 is not None else dummy, y, hl, S, ds,
+        d, n, L, LG, G, G - 1,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(z.stride() if z is not None else (0, 0, 0)), *y.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None,
+        BD=BD, NP=NP, T=T, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )
+    return y, hl
+
+
+# ----------------------------------------------------------------------------------------------
+# general linear scan over a flattened (L, M) layout
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _linear_scan_kernel(a_ptr, b_ptr, h0_ptr, y_ptr, hl_ptr, L_, M_, HAS_H0: tl.constexpr, BM: tl.constexpr, T: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_t = tl.arange(0, T)
+    mm = offs_m < M_
+    if HAS_H0:
+        h = tl.load(h0_ptr + offs_m, mask=mm, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BM,), dtype=tl.float32)
+    is_last = (offs_t == T - 1)[:, None]
+    for c in range(0, L_, T):
+        tt = c + offs_t
+        m2 = (tt < L_)[:, None] & mm[None, :]
+        off = tt[:, None] * M_ + offs_m[None, :]
+        a = tl.load(a_ptr + off, mask=m2, other=1.0).to(tl.float32)
+        x = tl.load(b_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        aa, bb = tl.associative_scan((a, x), 0, _combine)
+        hs = aa * h[None, :] + bb
+        tl.store(y_ptr + off, hs.to(y_ptr.dtype.element_ty), mask=m2)
+        h = tl.sum(tl.where(is_last, hs, 0.0), axis=0)
+    tl.store(hl_ptr + offs_m, h, mask=mm)
+
+
+def linear_scan_triton(
+    a: Tensor,
+    b: Tensor,
+    h0: Optional[Tensor] = None,
+    C: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    state_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    if any(t is not None and t.dtype == torch.float64 for t in (a, b, h0, C)):
+        return linear_scan_ref(a, b, h0, C, out_dtype, state_dtype)
+    from ..ops.scan import _linear_scan_shapes
+
+    S = _linear_scan_shapes(a, b, h0)
+    L = a.shape[0]
+    state_dtype = state_dtype or torch.promote_types(a.dtype, b.dtype)
+    out_dtype = out_dtype or state_dtype
+    M = 1
+    for s in S:
+        M *= s
+    full = [L] + S
+    a2 = a.expand(full).contiguous()
+    b2 = b.expand(full).contiguous()
+    states_dtype = torch.float32 if C is not None else out_dtype
+    hs = torch.empty(full, dtype=states_dtype, device=a.device)
+    hl = torch.empty(S, dtype=torch.float32, device=a.device)
+    h0c = h0.to(torch.float32).expand(S).contiguous() if h0 is not None else None
+    if M > 0 and L > 0:
+        BM, T = 128, 16
+        _linear_scan_kernel[(triton.cdiv(M, BM),)](
+            a2, b2, h0c if h0c is not None else hl, hs, hl, L, M, HAS_H0=h0c is not None, BM=BM, T=T, num_warps=4
+        )
+    elif h0c is not None:
+        hl.copy_(h0c)
+    else:
+        hl.zero_()
+    if C is not None:
+        y = (hs * C.to(torch.float32)).sum(-1).to(out_dtype)
+    else:
+        y = hs
+    return y, hl.to(state_dtype)
+
+
+def kernel_source() -> str:
+    """The Triton source of these kernels (for ``fxopt.codegen.kernel_sources``)."""
+    import inspect
+
+    return inspect.getsource(inspect.getmodule(_ssm_fwd_kernel))
+
+
+def _register_sources() -> None:
+    try:
+        from .. import codegen
+    except ImportError:  # pragma: no cover
+        return
+    reg = getattr(codegen, "register_source_provider", None)
+    if reg is None:
+        return
+    from ..ops.scan import LINEAR_SCAN, SELECTIVE_SCAN
+
+    reg(SELECTIVE_SCAN, lambda node: ("fxopt_selective_scan_triton", kernel_source()))
+    reg(LINEAR_SCAN, lambda node: ("fxopt_linear_scan_triton", kernel_source()))
+
+
+if os.environ.get("FXOPT_SCAN_NO_REGISTER") != "1":
+    try:
+        _register_sources()
+    except Exception:  # pragma: no cover - never let source registration break the kernels
+        pass

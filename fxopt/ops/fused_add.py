@@ -1,0 +1,250 @@
+"""``fxopt::fused_add_tree(Tensor[] xs, str tree) -> Tensor[]``: a tree of rounded adds.
+
+``tree`` is the only description of the computation (grammar in
+:mod:`fxopt.codegen.elementwise`); outputs are the tree's ``->`` list in order (the
+root first, then intermediates that also had users outside the tree).
+
+* fake/meta impl: evaluates the tree on the fake inputs, so output shapes, dtypes and
+  strides are exactly eager's (TensorIterator's layout rules) and rewritten graphs still
+  export / compile;
+* CPU impl: evaluates the tree with ``torch.add``/``torch.sub`` in statement order - the
+  unfused computation itself, bit-equal by construction;
+* CUDA impl: the generated kernel (Triton by default, CUDA C with
+  ``FXOPT_BACKEND=cuda``; ``FXOPT_BACKEND=torch`` evaluates with ATen). Per
+  (tree, backend, dtype, shapes, strides, alignment) the compiled kernel and its launch
+  arguments are cached in memory, so a repeated call does no re-specialisation: it
+  allocates outputs and launches (Triton's compiled launcher is called directly,
+  bypassing the JIT's argument binding). Kernels launch on the current stream and are
+  CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from ..codegen import elementwise as ew
+from ..codegen.cache import build_cuda_extension, load_triton_module
+from ..errors import CodegenError
+
+OP_NAME = "fxopt::fused_add_tree"
+
+# Below this many output elements a CUDA call outside CUDA-graph capture evaluates with
+# ATen (bit-equal anyway). 0 disables; set from benchmark measurements.
+SMALL_NUMEL_THRESHOLD = 0
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_lib = torch.library.Library("fxopt", "FRAGMENT")
+_lib.define("fused_add_tree(Tensor[] xs, str tree) -> Tensor[]")
+
+
+def _evaluate(xs: Sequence[torch.Tensor], tree: str) -> list[torch.Tensor]:
+    outs = ew.parse_tree(tree).evaluate(list(xs))
+    # outputs are fresh tensors (results of add/sub), never inputs
+    return [o.clone() if any(o is x for x in xs) else o for o in outs]
+
+
+def _cpu_impl(xs, tree):
+    return _evaluate(xs, tree)
+
+
+@torch.library.register_fake(OP_NAME)
+def _fake_impl(xs, tree):
+    return _evaluate(xs, tree)
+
+
+# ----------------------------------------------------------------------------------
+# CUDA: launchers cached per specialisation
+# ----------------------------------------------------------------------------------
+class _Launcher:
+    """Everything needed to run one specialisation: output layouts and a launch fn."""
+
+    __slots__ = ("out_specs", "launch", "numel", "device")
+
+    def __init__(self, out_specs, launch, numel, device):
+        self.out_specs = out_specs  # [(shape, stride, dtype)]
+        self.launch = launch  # fn(xs, outs) or None (=> ATen evaluation)
+        self.numel = numel
+        self.device = device
+
+    def __call__(self, xs, tree):
+        if self.launch is None:
+            return _evaluate(xs, tree)
+        outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.out_specs]
+        self.launch(xs, outs)
+        return outs
+
+
+_LAUNCHERS: dict[tuple, _Launcher] = {}
+_MAX_LAUNCHERS = 4096
+
+
+def _backend() -> str:
+    return os.environ.get("FXOPT_BACKEND", "triton")
+
+
+def _spec_key(xs, tree: str, backend: str) -> tuple:
+    return (tree, backend) + tuple((x.dtype, x.shape, x.stride(), x.data_ptr() % 16 == 0, x.device) for x in xs)
+
+
+def _out_specs(xs: Sequence[torch.Tensor], tree: ew.Tree):
+    metas = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") for x in xs]
+    outs = tree.evaluate(metas)
+    return [(tuple(o.shape), tuple(o.stride()), o.dtype) for o in outs]
+
+
+def triton_block_config(numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a launch over ``numel`` elements."""
+    if numel <= 4096:
+        return 1024, 4
+    return 2048, 8
+
+
+def plan(xs: Sequence[torch.Tensor], tree: ew.Tree):
+    """(out_specs, Layout | None): None when the generated kernel cannot take this call."""
+    out_specs = _out_specs(xs, tree)
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED:
+        return out_specs, None
+    if any(o[2] != xs[0].dtype for o in out_specs):
+        return out_specs, None
+    root_shape = out_specs[0][0]
+    if any(o[0] != root_shape for o in out_specs):
+        return out_specs, None
+    layout = ew.plan_layout(root_shape, [x.shape for x in xs], [x.stride() for x in xs], [o[1] for o in out_specs])
+    return out_specs, layout
+
+
+def _make_triton_launch(tree: ew.Tree, dtype: torch.dtype, layout: ew.Layout, xs, outs_example) -> Callable:
+    import triton
+
+    name, src = ew.emit_triton(tree, dtype, layout.in_linear, layout.out_linear, layout.ndim)
+    interpret = bool(triton.knobs.runtime.interpret)
+    mod = load_triton_module(name, src, signature=f"interpret={interpret}")
+    fn = getattr(mod, name)
+    block, warps = triton_block_config(layout.numel)
+    max_off = 0
+    for st in (*layout.in_strides, *layout.out_strides):
+        max_off = max(max_off, sum(abs(s) * (n - 1) for s, n in zip(st, layout.sizes)))
+    i64 = max(layout.numel, max_off + 1) + block >= 2**31
+    scalars: list[int] = [layout.numel, *layout.sizes]
+    for i, lin in enumerate(layout.in_linear):
+        if not lin:
+            scalars += list(layout.in_strides[i])
+    for j, lin in enumerate(layout.out_linear):
+        if not lin:
+            scalars += list(layout.out_strides[j])
+    grid = (triton.cdiv(layout.numel, block), 1, 1)
+    state: dict[str, object] = {}
+
+    def slow(xs, outs):
+        return fn[grid](*xs, *outs, *scalars, BLOCK=block, I64=i64, num_warps=warps)
+
+    if interpret or xs[0].device.type != "cuda":
+        return lambda xs, outs: slow(xs, outs)
+
+    knobs = triton.knobs.runtime
+    dev_index = xs[0].device.index if xs[0].device.index is not None else torch.cuda.current_device()
+    get_stream = torch._C._cuda_getCurrentRawStream
+
+    def fast(xs, outs):
+        k = state.get("kernel")
+        if k is None:
+            k = slow(xs, outs)
+            if hasattr(k, "result"):
+                k = k.result()
+            if k is None or not hasattr(k, "run") or not hasattr(k, "function"):
+                state["kernel"] = False
+            else:
+                state["kernel"] = k
+            return
+        if k is False:
+            slow(xs, outs)
+            return
+        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
+        stream = get_stream(dev_index)
+        meta = k.launch_metadata(grid, stream, *xs, *outs, *scalars, block, i64) if enter else None
+        k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, enter, exit_, *xs, *outs, *scalars, block, i64)
+
+    return fast
+
+
+def _make_cuda_launch(tree: ew.Tree, dtype: torch.dtype, layout: ew.Layout) -> Callable:
+    sym, cu = ew.emit_cuda(tree)
+    cpp = ew.emit_cuda_binding(tree)
+    ext = build_cuda_extension(sym, cu, cpp)
+    meta = [ew.CUDA_DTYPE_CODE[dtype], layout.ndim, int(layout.all_linear), layout.numel, *layout.sizes]
+    for st in layout.in_strides:
+        meta += list(st)
+    for st in layout.out_strides:
+        meta += list(st)
+    run = ext.run
+    return lambda xs, outs: run(list(xs), outs, meta)
+
+
+def _make_launcher(xs, tree_text: str, backend: str) -> _Launcher:
+    tree = ew.parse_tree(tree_text)
+    out_specs, layout = plan(xs, tree)
+    device = xs[0].device
+    if backend == "torch" or layout is None or layout.numel == 0 or any(x.device != device for x in xs):
+        return _Launcher(out_specs, None, 0 if layout is None else layout.numel, device)
+    dtype = xs[0].dtype
+    if backend == "triton":
+        launch = _make_triton_launch(tree, dtype, layout, xs, None)
+    elif backend == "cuda":
+        launch = _make_cuda_launch(tree, dtype, layout)
+    else:
+        raise CodegenError(f"unknown FXOPT_BACKEND {backend!r}; use triton, cuda or torch")
+    return _Launcher(out_specs, launch, layout.numel, device)
+
+
+def get_launcher(xs, tree: str, backend: str | None = None) -> _Launcher:
+    backend = backend or _backend()
+    key = _spec_key(xs, tree, backend)
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+            _LAUNCHERS.clear()
+        launcher = _make_launcher(xs, tree, backend)
+        _LAUNCHERS[key] = launcher
+    return launcher
+
+
+def _cuda_impl(xs, tree):
+    launcher = get_launcher(xs, tree)
+    if (
+        SMALL_NUMEL_THRESHOLD
+        and launcher.numel < SMALL_NUMEL_THRESHOLD
+        and not torch.cuda.is_current_stream_capturing()
+    ):
+        return _evaluate(xs, tree)
+    return launcher(xs, tree)
+
+
+_lib.impl("fused_add_tree", _cpu_impl, "CPU")
+_lib.impl("fused_add_tree", _cuda_impl, "CUDA")
+
+fused_add_tree = torch.ops.fxopt.fused_add_tree.default
+
+
+def run_generated(xs: Sequence[torch.Tensor], tree: str, backend: str = "triton") -> list[torch.Tensor]:
+    """Run the generated kernel for ``tree`` on ``xs`` whatever the device (CPU tensors
+    work under ``TRITON_INTERPRET=1``), bypassing the size threshold and the op. For
+    tests and benchmarks."""
+    launcher = _make_launcher(list(xs), tree, backend)
+    if launcher.launch is None:
+        raise CodegenError(f"the generated {backend} kernel cannot take this call (layout/dtype); ATen would be used")
+    return launcher(list(xs), tree)
+
+
+def kernel_source(tree: str, dtype: torch.dtype = torch.float16, backend: str | None = None,
+                  in_linear=None, out_linear=None, ndim: int = 1) -> tuple[str, str]:
+    """(name, source) of the kernel the backend generates for ``tree``."""
+    backend = backend or _backend()
+    t = ew.parse_tree(tree)
+    if backend == "cuda":
+        sym, cu = ew.emit_cuda(t)
+        return sym, cu
+    return ew.emit_triton(t, dtype, in_linear, out_linear, ndim)
