@@ -669,7 +669,8 @@ def _row_html(row: _Row, group: str) -> str:
         frm = [str(x) for x in (prov.get("from") or [])]
         prov_html = (
             f"<b>{_e(prov.get('rule') or '?')}</b> <span class=muted>({_e(prov.get('pass') or '?')})</span>"
-            f" from {_e(_short_list(frm, 6))}"
+            " from " + ", ".join(f'<a href="#n-{_e(x)}-rm">{_e(x)}</a>' for x in frm[:6])
+            + (f" … (+{len(frm) - 6})" if len(frm) > 6 else "")
         )
         if prov.get("source"):
             prov_html += f' <span class=muted title="{_e(prov["source"])}">[src]</span>'

@@ -70,6 +70,7 @@ def _ensure_builtin_providers() -> None:
     from ..ops import fused_add  # noqa: F401  (registers the op)
 
     register_source_provider(torch.ops.fxopt.fused_add_tree.default, _fused_add_source)
+    register_source_provider(fused_add.fused_add_tree, _fused_add_source)
 
 
 def _fused_add_source(node: torch.fx.Node) -> tuple[str, str] | None:

@@ -135,6 +135,10 @@ def _scalar_product(m: Node):
     return None
 
 
+def _static(v) -> bool:
+    return isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)
+
+
 def _is(node: Node, target) -> bool:
     return node.op == "call_function" and node.target is target and len(node.args) == 2
 
@@ -259,15 +263,18 @@ class AddcmulPass(Pass):
                 old_val = _val(node)
                 with graph.inserting_before(node):
                     new = graph.call_function(rw.target, rw.args, rw.kwargs)
-                propagate_meta(graph_module, [new])
-                nv = _val(new)
-                if (
-                    not isinstance(nv, torch.Tensor)
-                    or nv.dtype != old_val.dtype
-                    or tuple(nv.shape) != tuple(old_val.shape)
-                ):
-                    graph.erase_node(new)  # never change shape or dtype
-                    continue
+                if _static(old_val) and all(_static(_val(a)) for a in rw.args if isinstance(a, Node)):
+                    propagate_meta(graph_module, [new])
+                    nv = _val(new)
+                    if (
+                        not isinstance(nv, torch.Tensor)
+                        or nv.dtype != old_val.dtype
+                        or tuple(nv.shape) != tuple(old_val.shape)
+                    ):
+                        graph.erase_node(new)  # never change shape or dtype
+                        continue
+                else:  # symbolic shapes: same broadcast shape and dtype by construction
+                    new.meta["val"] = old_val
                 mark_provenance([new], rule=f"addcmul.{rule.name}", pass_name=self.name,
                                 replaced=rw.replaced, source=rule.source)
                 node.replace_all_uses_with(new)

@@ -161,7 +161,14 @@ class ResidualAddPass(Pass):
             with graph.inserting_before(tree.root):
                 fused = graph.call_function(fused_add_tree, (list(tree.leaves), text))
                 items = [graph.call_function(operator.getitem, (fused, k)) for k in range(len(outputs))]
-            propagate_meta(graph_module, [fused, *items])
+            # the outputs are exactly the replaced nodes' values (same shape, dtype, strides)
+            vals = [o.meta.get("val") for o in outputs]
+            if all(isinstance(v, torch.Tensor) for v in vals):
+                fused.meta["val"] = vals
+                for item, v in zip(items, vals):
+                    item.meta["val"] = v
+            else:
+                propagate_meta(graph_module, [fused, *items])
             mark_provenance([fused, *items], rule="residual_add.tree", pass_name=self.name,
                             replaced=tree.stmts, source=_SOURCE)
             fused.meta["fxopt_tree"] = text

@@ -123,6 +123,19 @@ def _slice_info(node) -> Optional[tuple]:
     return None
 
 
+_ASSERTS = tuple(t for t in (getattr(aten, "_assert_tensor_metadata", None),) if t is not None)
+_ASSERTS = tuple(getattr(t, "default", t) for t in _ASSERTS)
+
+
+def _is_assert(u: Node) -> bool:
+    """Export's ``_assert_tensor_metadata`` checks: users that go away with the value."""
+    return u.op == "call_function" and u.target in _ASSERTS
+
+
+def _users(n: Node):
+    return [u for u in n.users if not _is_assert(u)]
+
+
 def _strip_noop(node):
     """Look through casts to the dtype the value already has (export keeps ``x.to(x.dtype)``)."""
     while (isinstance(node, Node) and node.op == "call_function"
@@ -276,14 +289,14 @@ def _analyse_readout(ch: _Chain, g: _Graph) -> _Readout:
         nu = nxt_user(i)
         if nu is not None:
             allowed.add(nu)
-        out = [u for u in steps[i].users if u not in allowed]
+        out = [u for u in _users(steps[i]) if u not in allowed]
         for x in al:
-            out.extend(u for u in x.users if u not in allowed)
+            out.extend(u for u in _users(x) if u not in allowed)
         return out
 
     # the a*h mul must only feed its step
     for i, m in enumerate(ch.muls):
-        if m is not None and len(m.users) != 1:
+        if m is not None and len(_users(m)) != 1:
             raise NotTracked(f"the product {m.name} of step {i} is also used outside the recurrence")
     first_extra = extra_users(0)
     if L > 1 and not first_extra:
@@ -361,7 +374,7 @@ def _analyse_readout(ch: _Chain, g: _Graph) -> _Readout:
         al = ch.alias.get(i, set())
         nu = nxt_user(i)
         for n in reg:
-            for u in n.users:
+            for u in _users(n):
                 if n in al and (u is nu or u in al):
                     continue
                 if u not in regset and not (n is y and u is stack):
@@ -595,7 +608,7 @@ class ScanPass(Pass):
         readout_nodes = set()
         for reg in ro.regions:
             readout_nodes.update(reg)
-        last_ext = [u for u in h_last.users if u not in readout_nodes and u is not ro.stack]
+        last_ext = [u for u in _users(h_last) if u not in readout_nodes and u is not ro.stack]
 
         # where to insert: before the node that consumes the loop's results
         if ro.mode == "final":
@@ -851,7 +864,12 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: list) -> None:
         i += 1
         if n in seen or getattr(n, "_erased", False):
             continue
-        if n.op not in ("call_function", "call_method") or len(n.users) > 0:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        if n.users and all(_is_assert(u) for u in n.users):
+            for u in list(n.users):
+                g.erase_node(u)
+        if len(n.users) > 0:
             continue
         if n.is_impure():
             continue
