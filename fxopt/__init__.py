@@ -10,6 +10,9 @@ from .optimize import OptimizedModule, optimize
 from .pass_base import Pass, PassResult
 from .pass_manager import PassManager, Report
 from .registry import available_passes, get_pass, register_pass
+from .pattern import Rule, RuleSet, RewritePass
+from .explain import explain
+from . import inspection
 
 __version__ = "0.1.0"
 
@@ -17,5 +20,6 @@ __all__ = [
     "capture", "capture_function", "optimize", "OptimizedModule",
     "Pass", "PassResult", "PassManager", "Report",
     "register_pass", "get_pass", "available_passes",
+    "Rule", "RuleSet", "RewritePass", "explain", "inspection",
     "FxoptError", "CaptureError", "PassError", "PatternError", "CodegenError", "UnknownPassError",
 ]

@@ -45,20 +45,21 @@ nodes by target, built once per sweep, and each candidate is matched backwards f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-import operator
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
 from torch.fx.node import Node
 
+from .config import debug_log, get_config
 from .errors import PatternError
 from .graph_utils import fake_mode_of, mark_provenance, op_name, propagate_meta
 from .pass_base import Pass, PassResult
@@ -111,8 +112,8 @@ def _real_users(node: Node) -> list[Node]:
 def _caller_location(depth: int = 2) -> str:
     """``file:line`` of the frame that constructed a rule (skipping fxopt internals)."""
     frame = sys._getframe(depth)
-    here = os.path.dirname(os.path.abspath(__file__))
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+    here = os.path.abspath(__file__)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) == here:
         frame = frame.f_back
     if frame is None:  # pragma: no cover
         return "<unknown>"
@@ -482,6 +483,8 @@ class Rule:
         return RuleSet([self]) + other
 
     def __radd__(self, other) -> "RuleSet":
+        if isinstance(other, int) and other == 0:  # sum([rule, rule, ...])
+            return RuleSet([self])
         return RuleSet([]) + other + self
 
     def find_matches(self, graph_module: torch.fx.GraphModule) -> list[Match]:
@@ -537,7 +540,7 @@ class RuleSet:
         return out
 
     def __radd__(self, other) -> "RuleSet":
-        if other == 0:  # sum([...])
+        if isinstance(other, int) and other == 0:  # sum([...])
             return RuleSet(self.rules)
         out = RuleSet([])
         out._add(other)
@@ -856,8 +859,6 @@ class _Matcher:
         mode = fake_mode_of(self.gm) if self._mode is _MISSING else self._mode
         self._mode = mode
         env: dict[Node, Any] = dict(zip(rep.inputs, in_vals))
-        import contextlib
-
         try:
             with (mode if mode is not None else contextlib.nullcontext()):
                 for n in rep.nodes:
@@ -1211,6 +1212,9 @@ class RewritePass(Pass):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         stats = apply_rules(graph_module, self.rules, pass_name=self.name, max_iterations=self.max_iterations)
         modified = stats["matches"] > 0
+        if modified and get_config().debug >= 2:  # whole-graph networkx cycle check + fx lint
+            check_acyclic(graph_module)
+            debug_log(2, f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         if modified and self.recompile:
             graph_module.recompile()
         return PassResult(graph_module, modified, stats)

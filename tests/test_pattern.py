@@ -336,6 +336,7 @@ def test_ruleset_composition():
     assert [r.name for r in rs2] == ["silu", "x2", "neg"] and len(rs) == 2  # + returns a new set
     assert [r.name for r in (c + rs)] == ["neg", "silu", "x2"]
     assert [r.name for r in sum([a, b], RuleSet())] == ["silu", "x2"]
+    assert [r.name for r in sum([a, b, c])] == ["silu", "x2", "neg"]
     assert [r.name for r in rs + a] == ["silu", "x2"]  # the same rule once
     assert rs2["neg"] is c
     with pytest.raises(PatternError, match="two different rules named"):

@@ -39,7 +39,7 @@ from ..graph_utils import mark_provenance, propagate_meta
 from ..ops import scan as scan_ops  # noqa: F401  (registers the custom ops)
 from ..pass_base import Pass, PassResult
 from ..registry import register_pass
-from .scan_expr import Expr, NotTracked, dtype_of, shape_of, strip_casts, track
+from .scan_expr import Expr, NotTracked, clear_cache, dtype_of, shape_of, strip_casts, track
 
 aten = torch.ops.aten
 SELECTIVE_SCAN = torch.ops.fxopt.selective_scan.default
@@ -340,12 +340,22 @@ def _analyse_readout(ch: _Chain, g: _Graph) -> _Readout:
         return _Readout(mode="states", stack=stack, stack_dim=sdim)
     ro = _Readout(mode="ys", stack=stack, stack_dim=sdim)
     sig0 = None
+    c0 = None
     for i in range(L):
         y = items[i]
         if not isinstance(y, Node):
             raise NotTracked("stack of non-nodes")
         stops = {steps[i]}
         reg = None
+        if i > 0 and sig0 is not None:
+            fast = _same_structure(ro.regions[0][0], y, steps[0], steps[i], ch.alias.get(0, set()), ch.alias.get(i, set()), c0, i, ro)
+            if fast is not None:
+                reg, cnode = fast
+                if _region_ok(reg, y, stack, ch.alias.get(i, set()), nxt_user(i)) and all(
+                        u in set(reg) or u in ch.alias.get(i, set()) for u in extra_users(i) if i < L - 1):
+                    ro.regions.append(reg)
+                    ro.exprs.append(None)
+                    continue
         # the C slice: a leaf of the readout expression
         try:
             e = track(y, stops)
@@ -386,11 +396,72 @@ def _analyse_readout(ch: _Chain, g: _Graph) -> _Readout:
         sig = _expr_signature(e, steps[i], cnode)
         if sig0 is None:
             sig0 = sig
+            c0 = cnode
         elif sig != sig0:
             raise NotTracked(f"readout of step {i} contracts differently from step 0")
         ro.regions.append(reg)
         ro.exprs.append(e)
     return ro
+
+
+def _region_ok(reg, y, stack, al, nu) -> bool:
+    regset = set(reg)
+    for n in reg:
+        for u in _users(n):
+            if n in al and (u is nu or u in al):
+                continue
+            if u not in regset and not (n is y and u is stack):
+                return False
+    return True
+
+
+def _same_structure(y0: Node, yt: Node, h0: Node, ht: Node, al0: set, alt: set, c0: Node, t: int, ro) -> Optional[tuple]:
+    """Is the readout of step t a copy of step 0's (same ops and literals, the state of step t in
+    place of step 0's, the t-th slice of the same C in place of the 0-th)? Returns (region, C_t)."""
+    pairs = [(y0, yt)]
+    seen = {}
+    reg = []
+    ct = None
+    while pairs:
+        a, b = pairs.pop()
+        if a in seen:
+            if seen[a] is not b:
+                return None
+            continue
+        seen[a] = b
+        if a is h0:
+            if b is not ht:
+                return None
+            continue
+        if a is c0:
+            info = _slice_info(b)
+            if info is None or info[0] is not ro.c_base or info[1] != ro.c_axis or info[2] != t:
+                return None
+            ct = b
+            continue
+        if a.op != b.op or a.target != b.target or len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+            return None
+        reg.append(b)
+        for x, z in zip(a.args, b.args):
+            if isinstance(x, Node):
+                if not isinstance(z, Node):
+                    return None
+                pairs.append((x, z))
+            elif isinstance(x, (list, tuple)):
+                if not isinstance(z, (list, tuple)) or len(x) != len(z):
+                    return None
+                for x2, z2 in zip(x, z):
+                    if isinstance(x2, Node) != isinstance(z2, Node):
+                        return None
+                    if isinstance(x2, Node):
+                        pairs.append((x2, z2))
+                    elif x2 != z2:
+                        return None
+            elif x != z:
+                return None
+    if ct is None:
+        return None
+    return reg, ct
 
 
 def _expr_signature(e: Expr, h: Node, c: Node):
@@ -560,6 +631,7 @@ class ScanPass(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.last_rejections = []
         self.last_matches = []
+        clear_cache()
         g = _Graph(gm)
         chains = _find_chains(g, self.last_rejections)
         to_erase: list = []
@@ -853,30 +925,99 @@ def _match_gate(other, cur):
     return z
 
 
+_PURE_OK = None
+
+
 def _erase_dead(gm: torch.fx.GraphModule, candidates: list) -> None:
-    """Erase candidates (and then their inputs, transitively) that have no users left."""
+    """Erase candidates (and then their inputs, transitively) that have no users left.
+
+    Collects the dead set first, then removes it in bulk (``Graph.erase_node`` costs ~15 us a
+    node, seconds on a 500k-node unrolled graph); falls back to ``erase_node`` where the
+    private structures it relies on are missing."""
     g = gm.graph
+    dead: dict = {}
+    remaining: dict = {}
     work = list(candidates)
-    seen = set()
+    cand_set = set(candidates)
     i = 0
     while i < len(work):
         n = work[i]
         i += 1
-        if n in seen or getattr(n, "_erased", False):
+        if n in dead or n._erased or n.op != "call_function":
             continue
-        if n.op not in ("call_function", "call_method"):
+        # users not (yet) dead, ignoring metadata asserts
+        live = 0
+        for u in n.users:
+            if u in dead:
+                continue
+            if _is_assert(u):
+                continue
+            live += 1
+            break
+        if live:
             continue
-        if n.users and all(_is_assert(u) for u in n.users):
-            for u in list(n.users):
-                g.erase_node(u)
-        if len(n.users) > 0:
+        if n not in cand_set and n.is_impure():
             continue
-        if n.is_impure():
-            continue
-        seen.add(n)
-        ins = n.all_input_nodes
-        g.erase_node(n)
-        work.extend(ins)
+        dead[n] = None
+        for u in n.users:
+            if _is_assert(u) and u not in dead:
+                dead[u] = None
+        work.extend(n.all_input_nodes)
+    if not dead:
+        return
+    if not _bulk_remove(g, dead):
+        for n in reversed(_topo(g, dead)):
+            if not getattr(n, "_erased", False):
+                g.erase_node(n)
+
+
+def _topo(g, dead):
+    order = []
+    for n in g.nodes:
+        if n in dead:
+            order.append(n)
+    return order
+
+
+def _bulk_remove(g: torch.fx.Graph, dead: dict) -> bool:
+    owning = g.owning_module
+    if owning is not None and getattr(owning, "_erase_node_hooks", None):
+        return False
+    table = getattr(g, "_find_nodes_lookup_table", None)
+    if table is None or not hasattr(table, "table") or not hasattr(g, "_len"):
+        return False
+    # every user of a dead node must be dead too
+    for n in dead:
+        for u in n.users:
+            if u not in dead:
+                return False
+    groups: dict = {}
+    for n in dead:
+        groups.setdefault((n.op, id(n.target)), []).append(n)
+    for key, ns in groups.items():
+        tbl = table.table.get(table._key(ns[0]))
+        if tbl is None:
+            return False
+        for n in ns:
+            tbl.pop(n, None)
+    # (object.__setattr__: Node.__setattr__ re-indexes live nodes in the lookup table on every
+    # attribute write, which is most of erase_node's cost and not needed for list links)
+    sa = object.__setattr__
+    for n in dead:
+        p, nx = n._prev, n._next
+        sa(p, "_next", nx)
+        sa(nx, "_prev", p)
+        sa(n, "_erased", True)
+        for inp in n._input_nodes:
+            if inp not in dead:
+                inp.users.pop(n, None)
+    g._len -= len(dead)
+    for n in dead:
+        sa(n, "_args", ())
+        sa(n, "_kwargs", {})
+        sa(n, "_input_nodes", {})
+        n.users.clear()
+    return True
 
 
 def explain_scan(gm: torch.fx.GraphModule) -> list[Rejection]:

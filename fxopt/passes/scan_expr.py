@@ -22,14 +22,29 @@ aten = torch.ops.aten
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_SHAPES: dict = {}
+
+
+def clear_cache() -> None:
+    _SHAPES.clear()
+
+
 def shape_of(x) -> Optional[tuple]:
-    v = x.meta.get("val") if isinstance(x, Node) else None
+    if not isinstance(x, Node):
+        return None
+    try:
+        return _SHAPES[x]
+    except KeyError:
+        pass
+    v = x.meta.get("val")
+    out = None
     if isinstance(v, torch.Tensor):
         try:
-            return tuple(int(s) for s in v.shape)
+            out = tuple(int(s) for s in v.shape)
         except TypeError:  # symbolic
-            return None
-    return None
+            out = None
+    _SHAPES[x] = out
+    return out
 
 
 def dtype_of(x):
