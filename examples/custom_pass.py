@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.explain import explain  # also fxopt.explain once exported there
+from fxopt import Rule, RewritePass
 from fxopt.graph_utils import op_name
-from fxopt.pattern import Rule, RewritePass
 
 # ---------------------------------------------------------------------------- the rule
 # The pattern and the replacement are ordinary functions; the example input only fixes
@@ -114,7 +113,7 @@ def run_gpt_neox_explain(seq_len: int = 8):
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(2))
     opt = fxopt.optimize(model, (ids,), passes=["silu"])
     assert opt.report().matches.get("silu", 0) == 0
-    report = explain(opt.graph_module, SILU_RULE, top=3)
+    report = fxopt.explain(opt.graph_module, SILU_RULE, top=3)
     print(report)
     acts = sorted({op_name(n) for n in opt.graph_module.graph.nodes
                    if op_name(n) in ("aten.gelu.default", "aten.silu.default", "aten.sigmoid.default")})

@@ -10,8 +10,8 @@ from .optimize import OptimizedModule, optimize
 from .pass_base import Pass, PassResult
 from .pass_manager import PassManager, Report
 from .registry import available_passes, get_pass, register_pass
-from .pattern import Rule, RuleSet, RewritePass
-from .explain import explain
+from .pattern import Match, Rule, RuleSet, RewritePass
+from .explain import ExplainReport, explain
 from . import inspection
 
 __version__ = "0.1.0"
@@ -20,6 +20,6 @@ __all__ = [
     "capture", "capture_function", "optimize", "OptimizedModule",
     "Pass", "PassResult", "PassManager", "Report",
     "register_pass", "get_pass", "available_passes",
-    "Rule", "RuleSet", "RewritePass", "explain", "inspection",
+    "Rule", "RuleSet", "RewritePass", "Match", "explain", "ExplainReport", "inspection",
     "FxoptError", "CaptureError", "PassError", "PatternError", "CodegenError", "UnknownPassError",
 ]

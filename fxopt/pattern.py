@@ -318,10 +318,6 @@ class Match:
         return f"<Match {self.rule.name} at {[o.name for o in self.outputs]}>"
 
 
-class _Reject(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------- rules
 
 
@@ -402,6 +398,13 @@ class Rule:
         for o in tr.outputs:
             if not isinstance(o, Node) or o.op == "placeholder":
                 raise PatternError(f"{where}: every pattern output must be computed by the pattern, got {o!r}")
+        for i, (p, name) in enumerate(zip(tr.inputs, tr.input_names)):
+            if not p.users:
+                ex = self.example_inputs[i] if i < len(self.example_inputs) else None
+                hint = (f" (its example value {ex!r} is not a tensor, so tracing baked it in as a literal: use "
+                        f"wildcards={{{name!r}: <sentinel>}} for a scalar that may vary)"
+                        if not isinstance(ex, torch.Tensor) else "")
+                raise PatternError(f"{where}: pattern input {name!r} is not used by the traced pattern{hint}")
         for n in tr.nodes:
             if n.op != "call_function":
                 raise PatternError(

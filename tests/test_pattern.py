@@ -367,6 +367,10 @@ def test_pattern_errors_are_clear():
     with pytest.raises(PatternError, match="share at least one input"):
         Rule("d", lambda x, y: (x.sin(), y.cos()), lambda x, y: (x.sin(), y.cos()),
              (torch.randn(2), torch.randn(2))).traced_pattern
+    with pytest.raises(PatternError, match="'y' is not used"):
+        Rule("u", lambda x, y: x * 2.0, lambda x, y: x + y, (torch.randn(2), torch.randn(2))).traced_pattern
+    with pytest.raises(PatternError, match="baked it in as a literal: use wildcards"):
+        Rule("s", lambda x, a: x * a, lambda x, a: x + a, (torch.randn(2), 2.0)).traced_pattern
     with pytest.raises(PatternError, match="could not trace"):
         Rule("t", lambda x: x @ x, lambda x: x, (torch.randn(2, 3),)).traced_pattern
 
