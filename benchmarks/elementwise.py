@@ -235,7 +235,7 @@ def print_chain_table(rows, backends):
 
 
 # ----------------------------------------------------------------------------- 4
-def e2e(skip_compile: bool, quick: bool) -> dict:
+def e2e(skip_compile: bool, quick: bool, variants=("residual_add", "compile", "default")) -> dict:
     from transformers import GPTNeoXForCausalLM
 
     import fxopt
@@ -262,6 +262,8 @@ def e2e(skip_compile: bool, quick: bool) -> dict:
         ref = model(ids, use_cache=False).logits
         res["eager_ms"] = time_events(lambda: model(ids, use_cache=False), iters, warmup=2) * 1e3
 
+    outs: dict = {}
+
     def run_opt(label, passes):
         try:
             t0 = time.perf_counter()
@@ -272,6 +274,9 @@ def e2e(skip_compile: bool, quick: bool) -> dict:
                 out = opt(ids, use_cache=False).logits
                 res[f"{label}_bit_equal_vs_eager"] = same_bits(out, ref)
                 res[f"{label}_max_abs_diff_vs_eager"] = float((out.float() - ref.float()).abs().max())
+                outs[label] = out
+                if "fxopt_nopass" in outs and label != "fxopt_nopass":
+                    res[f"{label}_bit_equal_vs_nopass"] = same_bits(out, outs["fxopt_nopass"])
                 if passes == ["residual_add"]:
                     # is the kernel faithful? the same graph with the tree evaluated by ATen
                     os.environ["FXOPT_BACKEND"] = "torch"
@@ -290,8 +295,11 @@ def e2e(skip_compile: bool, quick: bool) -> dict:
             os.environ["FXOPT_BACKEND"] = "triton"
         print(json.dumps({k: v for k, v in res.items() if k.startswith(label)}), flush=True)
 
-    run_opt("fxopt_residual_add", ["residual_add"])
-    if not skip_compile:
+    if "nopass" in variants:
+        run_opt("fxopt_nopass", [])
+    if "residual_add" in variants:
+        run_opt("fxopt_residual_add", ["residual_add"])
+    if not skip_compile and "compile" in variants:
         try:
             cm = torch.compile(model)
             t0 = time.perf_counter()
@@ -303,7 +311,10 @@ def e2e(skip_compile: bool, quick: bool) -> dict:
         except Exception as exc:
             res["compile_error"] = f"{type(exc).__name__}: {exc}"[:400]
         print(json.dumps({k: v for k, v in res.items() if "compile" in k}), flush=True)
-    run_opt("fxopt_default", None)
+    if "default" in variants:
+        run_opt("fxopt_default", None)
+    if "fxopt_nopass_ms" in res and "fxopt_residual_add_ms" in res:
+        res["residual_add_gain_vs_nopass"] = res["fxopt_nopass_ms"] / res["fxopt_residual_add_ms"]
     return res
 
 
@@ -314,7 +325,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-cuda-c", action="store_true", help="Triton only (CUDA C build takes ~1 min)")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--max-numel", type=int, default=None, help="only chain shapes up to this many elements")
+    ap.add_argument("--e2e-variants", default="residual_add,compile,default",
+                    help="comma list of nopass, residual_add, compile, default")
     args = ap.parse_args(argv)
+    if args.max_numel is not None:
+        SHAPES[:] = [sh for sh in SHAPES if sh[0] * sh[1] * sh[2] <= args.max_numel]
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -330,8 +347,9 @@ def main(argv=None) -> int:
         pass
     print(f"device: {out['device']}  torch {out['torch']}  triton {out.get('triton')}", flush=True)
     t0 = time.perf_counter()
-    out["correctness"] = correctness(backends)
-    print("correctness:", json.dumps(out["correctness"], indent=1), f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    if not args.skip_correctness:
+        out["correctness"] = correctness(backends)
+        print("correctness:", json.dumps(out["correctness"], indent=1), f"({time.perf_counter() - t0:.1f} s)", flush=True)
     bw = copy_bandwidth()
     out["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
@@ -339,7 +357,7 @@ def main(argv=None) -> int:
     print_chain_table(out["chain"], backends)
     if not args.skip_e2e:
         t0 = time.perf_counter()
-        out["e2e"] = e2e(args.skip_compile, args.quick)
+        out["e2e"] = e2e(args.skip_compile, args.quick, tuple(args.e2e_variants.split(",")))
         print("\nend to end GPTNeoX 2.8B shape fp16 prefill b1 L2048:", json.dumps(out["e2e"], indent=1),
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     with open(args.json, "w") as f:

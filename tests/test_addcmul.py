@@ -204,3 +204,17 @@ def test_power_of_two_alpha_would_break_the_contract():
     f64 = c.double() - 0.5 * a.double() * b.double()
     with pytest.raises(AssertionError, match="further from fp64"):
         check_contract(orig, folded, f64, torch.zeros(1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("order", [["addcmul", "scan"], ["scan", "addcmul"]])
+def test_composes_with_scan_in_either_order(order):
+    pytest.importorskip("fxopt.passes.scan")
+    import fxopt
+    from fxopt.models.seed_mamba import SeedMamba, SeedMambaConfig
+
+    model = SeedMamba(SeedMambaConfig(n_layer=2)).eval()
+    ids = torch.randint(0, 100, (1, 12))
+    opt = fxopt.optimize(model, (ids,), passes=order)
+    assert opt.report().matches.get("scan") == 2  # one loop per layer, whether or not its body became addcmul
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids), model(ids), rtol=1e-4, atol=1e-5)

@@ -197,3 +197,17 @@ def test_rewritten_graph_exports_again_and_trees_found_once():
     ep = torch.export.export(gm, args, strict=False)
     assert any(n.target is fused_add_tree_op for n in ep.graph.nodes)
     bitwise.check(fn(*args), ep.module()(*args))
+
+
+def test_shared_intermediate_read_as_leaf_stays_leaf():
+    """Found by the fuzzer: v3 = x+x is read by v5 (as a leaf: its other user v4 was not
+    yet in the tree) and later by v4 (then in the tree): it must stay a leaf."""
+    def fn(x):
+        v3 = x + x
+        v4 = x + v3
+        v5 = v3 + x
+        return v5 + v4
+
+    args = (torch.tensor([1.5410, -0.2935, -2.1797], dtype=torch.float16),)
+    gm = _export(fn, *args)
+    _run(gm, fn, args, 1)

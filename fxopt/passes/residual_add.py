@@ -104,9 +104,10 @@ def find_trees(gm: torch.fx.GraphModule) -> list[_Tree]:
         tree = _Tree(root)
         root_val = _val(root)
         in_tree: set[Node] = {root}
+        as_leaf: set[Node] = set()  # once read as a leaf it stays one (keeps stmts topological)
 
         def absorbable(a: Node, parent: Node) -> bool:
-            if a in consumed or not _is_binop(a):
+            if a in consumed or a in as_leaf or not _is_binop(a):
                 return False
             if _val(a).dtype != root_val.dtype:
                 return False
@@ -127,6 +128,8 @@ def find_trees(gm: torch.fx.GraphModule) -> list[_Tree]:
                 if absorbable(a, n):
                     in_tree.add(a)
                     visit(a)
+                else:
+                    as_leaf.add(a)
             tree.stmts.append(n)
 
         visit(root)

@@ -127,9 +127,12 @@ _ASSERTS = tuple(t for t in (getattr(aten, "_assert_tensor_metadata", None),) if
 _ASSERTS = tuple(getattr(t, "default", t) for t in _ASSERTS)
 
 
+_ASSERT_T = _ASSERTS[0] if _ASSERTS else object()
+
+
 def _is_assert(u: Node) -> bool:
     """Export's ``_assert_tensor_metadata`` checks: users that go away with the value."""
-    return u.op == "call_function" and u.target in _ASSERTS
+    return u.target is _ASSERT_T
 
 
 def _users(n: Node):
@@ -936,33 +939,36 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: list) -> None:
     private structures it relies on are missing."""
     g = gm.graph
     dead: dict = {}
-    remaining: dict = {}
-    work = list(candidates)
     cand_set = set(candidates)
+    cnt: dict = {}  # node -> users still alive (asserts not counted)
+
+    def live(m):
+        c = cnt.get(m)
+        if c is None:
+            c = sum(1 for u in m.users if u not in dead and u.target is not _ASSERT_T)
+            cnt[m] = c
+        return c
+
+    work = list(candidates)
     i = 0
     while i < len(work):
         n = work[i]
         i += 1
-        if n in dead or n._erased or n.op != "call_function":
-            continue
-        # users not (yet) dead, ignoring metadata asserts
-        live = 0
-        for u in n.users:
-            if u in dead:
-                continue
-            if _is_assert(u):
-                continue
-            live += 1
-            break
-        if live:
+        if n in dead or n._erased or n.op != "call_function" or live(n) > 0:
             continue
         if n not in cand_set and n.is_impure():
             continue
         dead[n] = None
         for u in n.users:
-            if _is_assert(u) and u not in dead:
-                dead[u] = None
-        work.extend(n.all_input_nodes)
+            if u not in dead:
+                dead[u] = None  # metadata asserts go with the value
+        for m in n._input_nodes:
+            if m in cnt:
+                cnt[m] -= 1
+                if cnt[m] == 0:
+                    work.append(m)
+            elif live(m) == 0:
+                work.append(m)
     if not dead:
         return
     if not _bulk_remove(g, dead):

@@ -1,0 +1,145 @@
+"""The scan ops: CPU reference vs the original loop under the fp64_relative contract (Hypothesis),
+and the Triton kernels under TRITON_INTERPRET=1 against the reference at small sizes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxopt.ops.scan  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt.testing.contracts import fp64_relative
+
+CONTRACT = fp64_relative(2.0, atol=1e-6)
+
+
+def _loop(u, delta, A, B, C, D, z):
+    """The original unrolled loop (HF slow-path algebra), in whatever dtype it is given."""
+    dA = torch.exp(A[None, :, None, :] * delta[..., None])
+    dBu = delta[..., None] * B.transpose(1, 2)[:, None].to(delta.dtype) * u[..., None]
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=dA.dtype)
+    ys = []
+    for t in range(u.shape[2]):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append(torch.matmul(h, C[:, :, t].to(h.dtype).unsqueeze(-1))[..., 0])
+    y = torch.stack(ys, -1) + u * D[None, :, None]
+    return y * torch.nn.functional.silu(z)
+
+
+def _inputs(b, L, d, n, dtype, dmax, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, d, L, generator=g)
+    delta = torch.rand(b, d, L, generator=g) * dmax
+    A = -torch.exp(torch.randn(d, n, generator=g))
+    B = torch.randn(b, n, L, generator=g)
+    C = torch.randn(b, n, L, generator=g)
+    D = torch.randn(d, generator=g)
+    z = torch.randn(b, d, L, generator=g)
+    return [x.to(dtype) if x.dim() == 3 else x for x in (u, delta, A, B, C, D, z)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    L=st.sampled_from([1, 2, 3, 7, 16, 33, 70]),
+    d=st.integers(1, 6),
+    n=st.sampled_from([1, 2, 5, 16, 64]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    dmax=st.sampled_from([0.01, 1.0, 50.0, 1e4]),  # large delta: exp(delta*A) underflows
+    seed=st.integers(0, 2**16),
+)
+def test_selective_scan_cpu_contract(b, L, d, n, dtype, dmax, seed):
+    x = _inputs(b, L, d, n, dtype, dmax, seed)
+    u, delta, A, B, C, D, z = x
+    ref64 = _loop(*[t.double() for t in x])
+    eager = _loop(u.float(), delta.float(), A, B.float(), C.float(), D, z.float())
+    y, hl = torch.ops.fxopt.selective_scan(u, delta, A, B, C, D, z, None, torch.float32)
+    assert y.shape == (b, d, L) and hl.shape == (b, d, n) and hl.dtype == torch.float32
+    CONTRACT.check(eager, y, fp64_ref=ref64)
+
+
+@settings(max_examples=20, deadline=None)
+@given(L=st.sampled_from([1, 4, 9]), shape=st.sampled_from([(3,), (2, 4), (1, 3, 5)]), with_c=st.booleans(),
+       with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_scan_cpu_contract(L, shape, with_c, with_h0, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand((L,) + shape, generator=g)
+    bb = torch.randn((L,) + shape, generator=g)
+    h0 = torch.randn(shape, generator=g) if with_h0 else None
+    C = torch.randn((L,) + shape, generator=g) if with_c else None
+
+    def loop(a, bb, h0, C):
+        h = torch.zeros(shape, dtype=a.dtype) if h0 is None else h0
+        ys = []
+        for t in range(L):
+            h = a[t] * h + bb[t]
+            ys.append((h * C[t]).sum(-1) if C is not None else h)
+        return torch.stack(ys, 0), h
+
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref64, last64 = loop(d64(a), d64(bb), d64(h0), d64(C))
+    eager, last = loop(a, bb, h0, C)
+    y, hl = torch.ops.fxopt.linear_scan(a, bb, h0, C, torch.float32, torch.float32)
+    CONTRACT.check(eager, y, fp64_ref=ref64)
+    CONTRACT.check(last, hl, fp64_ref=last64)
+
+
+def test_fake_impls_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        u = torch.empty(2, 3, 5, dtype=torch.bfloat16)
+        y, hl = torch.ops.fxopt.selective_scan(u, u, torch.empty(3, 4), torch.empty(2, 4, 5), torch.empty(2, 4, 5),
+                                               None, None, None, torch.float32)
+        assert y.shape == (2, 3, 5) and y.dtype == torch.float32 and hl.shape == (2, 3, 4)
+        y, hl = torch.ops.fxopt.linear_scan(torch.empty(5, 1, 4), torch.empty(5, 3, 4), None, torch.empty(5, 3, 4),
+                                            torch.float16, torch.float32)
+        assert y.shape == (5, 3) and y.dtype == torch.float16 and hl.shape == (3, 4)
+
+
+_INTERP = textwrap.dedent("""
+    import torch
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref, linear_scan_ref
+    g = torch.Generator().manual_seed(0)
+    def mk(b, d, L, n, dt):
+        u = torch.randn(b, d, L, generator=g).to(dt); delta = (torch.rand(b, d, L, generator=g) * 2).to(dt)
+        A = -torch.rand(d, n, generator=g) * 3; B = torch.randn(b, n, L, generator=g).to(dt)
+        C = torch.randn(b, n, L, generator=g).to(dt); D = torch.randn(d, generator=g)
+        z = torch.randn(b, d, L, generator=g).to(dt); h0 = torch.randn(b, d, n, generator=g)
+        return [u, delta, A, B, C, D, z, h0]
+    cases = [((1, 5, 13, 3), dict(kind="seq", BD=4, G=1)), ((2, 3, 21, 16), dict(kind="seq", BD=2, G=3)),
+             ((1, 3, 1, 1), dict(kind="seq", BD=4, G=1)), ((1, 5, 37, 3), dict(kind="chunk", BD=4, T=8, G=1)),
+             ((1, 3, 20, 5), dict(kind="chunk", BD=2, T=8, G=2))]
+    for (b, d, L, n), cfg in cases:
+        for dt in (torch.float32, torch.bfloat16):
+            x = mk(b, d, L, n, dt)
+            for full in (True, False):
+                a = list(x) if full else x[:5] + [None, None, None]
+                y0, h0 = selective_scan_ref(*a, out_dtype=torch.float32)
+                y1, h1 = st.selective_scan_triton(*a, out_dtype=torch.float32, config=cfg)
+                tol = 1e-4 * (1 + y0.abs().max().item())
+                assert (y0 - y1).abs().max().item() <= tol, (b, d, L, n, cfg, dt, full, (y0 - y1).abs().max())
+                assert (h0 - h1).abs().max().item() <= 1e-4 * (1 + h0.abs().max().item()), (cfg, dt, full)
+    a = torch.rand(9, 3, 1, 4, generator=g); bb = torch.randn(9, 1, 2, 4, generator=g)
+    h0 = torch.randn(3, 2, 4, generator=g); C = torch.randn(9, 3, 2, 4, generator=g)
+    for hh in (None, h0):
+        for CC in (None, C):
+            y0, l0 = linear_scan_ref(a, bb, hh, CC); y1, l1 = st.linear_scan_triton(a, bb, hh, CC)
+            assert torch.allclose(y0, y1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5)
+    print("OK")
+""")
+
+
+def test_triton_kernels_interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _INTERP], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
