@@ -169,7 +169,11 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def original_graph_module(self) -> torch.fx.GraphModule:
-        """The graph as captured, before any pass (same specialisation as graph_module)."""
+        """The graph as captured, before any pass (same specialisation as graph_module).
+
+        When the specialisation came from a length-generic template (long sequences),
+        this is the capture at the first probe length: the point of the template is that
+        the unrolled graph at the real length is never built."""
         return self._last.original
 
     @property
