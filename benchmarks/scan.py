@@ -114,44 +114,74 @@ def kernel_rows(args, bw):
     return rows
 
 
+def _parse_specs(blocks):
+    """'kind,BD,warps' (seq, chunk) or 'nloop,BD,T,warps', separated by ';'."""
+    specs = []
+    for spec in blocks.split(";"):
+        f = spec.split(",")
+        if f[0] == "nloop":
+            specs.append(dict(kind="nloop", BD=int(f[1]), T=int(f[2]), num_warps=int(f[3])))
+        elif f[0] == "chunk":
+            specs.append(dict(kind="chunk", BD=int(f[1]), T=16, num_warps=int(f[2])))
+        else:
+            specs.append(dict(kind="seq", BD=int(f[1]), num_warps=int(f[2])))
+    return specs
+
+
 def tune(args, bw):
-    from triton.testing import do_bench
+    """Sweep launch choices per shape; every choice is checked against the reference first
+    (random inputs). Prints one line per choice and a compact table of the best per shape."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
     from fxopt.codegen import scan_triton as st
     from fxopt.ops.scan import selective_scan_ref
 
-    out = []
+    out, table = [], []
+    specs = _parse_specs(args.blocks)
     for (b, L, d, n) in SHAPES:
         x = make_inputs(b, L, d, n)
-        ref, _ = selective_scan_ref(*x)
+        ref, href = selective_scan_ref(*x)
         fb = floor_bytes(b, L, d, n, 4)
         floor_ms = fb / bw * 1e3
         best = None
-        gs = [1, 4, 8, 16, 32] if b * d <= 2048 else [1, 2]
-        cfgs = []
-        for spec in args.blocks.split(";"):
-            kind, BD, nw = spec.split(",")
+        gs = args.gs if args.gs else ([1, 2, 4, 8, 16, 32] if b * d <= 2048 else [1, 2])
+        cfgs = [dict(kind="default")]
+        for spec in specs:
             for G in gs:
-                if kind == "chunk":
-                    cfgs.append(dict(kind="chunk", BD=int(BD), T=16, G=G, num_warps=int(nw)))
-                else:
-                    cfgs.append(dict(kind="seq", BD=int(BD), G=G, num_warps=int(nw), num_stages=args.stages))
-        for cfg in cfgs:
-                try:
-                    y, _ = st.selective_scan_triton(*x, config=cfg)
-                    ok, rel = check(y, ref, f"{cfg}")
-                    t = do_bench(lambda: st.selective_scan_triton(*x, config=cfg))
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                if spec["kind"] == "nloop" and G * spec["T"] > L:
                     continue
-                rec = dict(shape=[b, L, d, n], cfg=cfg, ms=t, ok=ok, frac=floor_ms / t)
-                out.append(rec)
-                if ok and (best is None or t < best["ms"]):
-                    best = rec
-                print(f"{b,L,d,n} {cfg} {t:.4f} ms  floor {floor_ms:.4f}  ok={ok}", flush=True)
+                cfgs.append(dict(spec, G=G, num_stages=args.stages if spec["kind"] == "seq" else spec.get("num_stages", 1)))
+        for cfg in cfgs:
+            c = None if cfg.get("kind") == "default" else cfg
+            try:
+                y, hl = st.selective_scan_triton(*x, config=c)
+                ok, rel = check(y, ref, f"{cfg}")
+                okh, relh = check(hl, href, f"{cfg} h_last")
+                ok = ok and okh
+                t = do_bench(lambda: st.selective_scan_triton(*x, config=c), return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {cfg}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            rec = dict(shape=[b, L, d, n], cfg=cfg, ms=t, ok=ok, frac=floor_ms / t, rel_err=rel)
+            out.append(rec)
+            if ok and c is not None and (best is None or t < best["ms"]):
+                best = rec
+            print(f"{b,L,d,n} {cfg} {t:.4f} ms  floor {floor_ms:.4f}  ok={ok} rel={rel:.1e}", flush=True)
+        dflt = [r for r in out if r["shape"] == [b, L, d, n] and r["cfg"].get("kind") == "default"]
+        if best is not None:
+            bc = best["cfg"]
+            try:
+                best["graph_ms"] = do_bench_cudagraph(lambda: st.selective_scan_triton(*x, config=bc))
+            except Exception as exc:  # noqa: BLE001
+                print("graph bench failed", exc)
         print("BEST", json.dumps(best), flush=True)
-        dflt = st.choose_config(b, d, L, n)
-        print("DEFAULT", dflt, flush=True)
+        table.append(((b, L, d, n), dflt[0]["ms"] if dflt else None, best, floor_ms))
+    print(f"{'shape':22} {'default ms':>10} {'best ms':>9} {'graph ms':>9} {'floor':>7} {'peer':>6}  best cfg")
+    for shp, dms, best, fl in table:
+        bms = best["ms"] if best else float("nan")
+        gms = best.get("graph_ms", float("nan")) if best else float("nan")
+        print(f"{str(shp):22} {dms if dms else float('nan'):10.4f} {bms:9.4f} {gms:9.4f} {fl:7.4f} {PEER_MS.get(shp, 0):6.3f}  "
+              f"{json.dumps(best['cfg']) if best else '-'}")
     return out
 
 
@@ -203,6 +233,7 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true")
     p.add_argument("--blocks", default="chunk,8,2;seq,16,1;seq,32,1;seq,32,2;seq,64,2;seq,64,4;seq,128,4", help="tune: 'kind,BD,warps;...'")
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--gs", type=int, nargs="*", default=None, help="tune: group counts to try")
     p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -17,7 +17,6 @@ the form captured graphs have. Each example checks
 """
 from __future__ import annotations
 
-import operator
 
 import pytest
 import torch

@@ -247,6 +247,127 @@ def _ssm_seq_kernel(
             tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
 
 
+@triton.jit(do_not_specialize=["LG", "G"])
+def _ssm_nstate_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, S_ptr, ds_ptr,
+    D_, L_, LG, G,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    BD: tl.constexpr, NP: tl.constexpr, NN: tl.constexpr, T: tl.constexpr,
+):
+    """Group pre-pass of the n-loop kernel: end state (from zero) and delta sum of group ``g``
+    -> S[b, g, d, n], ds[b, g, d]. Closed form per chunk (no scan): the weight of step t in the
+    chunk's end state is exp(A (sum_{s>t} delta_s)), one cumulative sum shared by all n."""
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    md = offs_d < D_
+    S = tl.zeros((BD, NP), dtype=tl.float32)
+    dsum = tl.zeros((BD,), dtype=tl.float32)
+    l0 = g * LG
+    for c in range(0, LG, T):
+        tt = l0 + c + offs_t
+        mt = tt < L_
+        m2 = md[:, None] & mt[None, :]
+        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        dtu = dt * u
+        tot = tl.sum(dt, axis=1)
+        rem = tot[:, None] - tl.cumsum(dt, axis=1)                   # sum of delta after step t (>= 0)
+        for n in tl.static_range(NN):
+            An = tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0).to(tl.float32) * 1.4426950408889634
+            Bn = tl.load(B_ptr + b * s_bb + n * s_bn + tt * s_bl, mask=mt, other=0.0).to(tl.float32)
+            contrib = tl.sum(tl.exp2(rem * An[:, None]) * dtu * Bn[None, :], axis=1)
+            sel = offs_n[None, :] == n
+            Sn = tl.sum(tl.where(sel, S, 0.0), axis=1)
+            Sn = tl.exp2(An * tot) * Sn + contrib
+            S = tl.where(sel, Sn[:, None], S)
+        dsum += tot
+    tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], S, mask=md[:, None])
+    tl.store(ds_ptr + (b * G + g) * D_ + offs_d, dsum, mask=md)
+
+
+@triton.jit(do_not_specialize=["LG", "G", "GM1"])
+def _ssm_nloop_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+    D_, N_, L_, LG, G, GM1,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    s_cb, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, NN: tl.constexpr, T: tl.constexpr,
+):
+    """Chunked scan with the state index n as an unrolled loop: per chunk, (BD, T) tiles of
+    u / delta / z and (T,) rows of B_n / C_n are loaded coalesced (T contiguous), and for each n
+    the recurrence over the chunk is a ``tl.associative_scan`` along T of a 2-d (BD, T) tile;
+    the carry-in h[:, n] is applied afterwards (h_t = A_t h_in + B_t) and y accumulates
+    sum_n h_t C_t in registers; y is stored as one (BD, T) tile."""
+    pid_d = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    md = offs_d < D_
+    mn = offs_n < N_
+    mdn = md[:, None] & mn[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BD, NP), dtype=tl.float32)
+    if GM1 > 0:
+        A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mdn, other=0.0).to(tl.float32)
+        A2 = A2 * 1.4426950408889634
+        for gp in range(0, GM1):
+            keep = gp < g
+            Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
+            dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
+            h = tl.where(keep, tl.exp2(A2 * dsg[:, None]) * h + Sg, h)
+    if HAS_D:
+        Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    is_last = (offs_t == T - 1)[None, :]
+    l0 = g * LG
+    for c in range(0, LG, T):
+        tt = l0 + c + offs_t
+        mt = tt < L_
+        m2 = md[:, None] & mt[None, :]
+        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        dtu = dt * u
+        if HAS_D:
+            yv = u * Dv[:, None]
+        else:
+            yv = tl.zeros((BD, T), dtype=tl.float32)
+        for n in tl.static_range(NN):
+            An = tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0).to(tl.float32) * 1.4426950408889634
+            Bn = tl.load(B_ptr + b * s_bb + n * s_bn + tt * s_bl, mask=mt, other=0.0).to(tl.float32)
+            Cn = tl.load(C_ptr + b * s_cb + n * s_cn + tt * s_cl, mask=mt, other=0.0).to(tl.float32)
+            a = tl.exp2(dt * An[:, None])                            # 1 where masked (dt = 0)
+            x = dtu * Bn[None, :]                                    # 0 where masked
+            aa, bb = tl.associative_scan((a, x), 1, _combine)
+            sel = offs_n[None, :] == n
+            hn = tl.sum(tl.where(sel, h, 0.0), axis=1)
+            hs = aa * hn[:, None] + bb
+            yv += hs * Cn[None, :]
+            hn = tl.sum(tl.where(is_last, hs, 0.0), axis=1)
+            h = tl.where(sel, hn[:, None], h)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + tt[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
+            yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+        tl.store(y_ptr + b * s_yb + offs_d[:, None] * s_yd + tt[None, :] * s_yl, yv.to(y_ptr.dtype.element_ty), mask=m2)
+    if g == G - 1:
+        tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -316,6 +437,28 @@ def selective_scan_triton(
     dummy = y
     grid = (triton.cdiv(d, BD), G, bsz)
     seq = cfg.get("kind", "chunk") == "seq"
+    if cfg.get("kind") == "nloop":
+        T = cfg.get("T", 128)
+        LG = triton.cdiv(triton.cdiv(L, cfg["G"]), T) * T
+        G = triton.cdiv(L, LG)
+        if G > 1:
+            S = torch.empty((bsz, G, d, NP), dtype=torch.float32, device=u.device)
+            ds = torch.empty((bsz, G, d), dtype=torch.float32, device=u.device)
+            _ssm_nstate_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
+                u, delta, A, B, S, ds, d, L, LG, G,
+                *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
+                BD=BD, NP=NP, NN=n, T=T, num_warps=cfg.get("state_warps", cfg.get("num_warps", 4)))
+        else:
+            S = ds = hl
+        zz = z if z is not None else dummy
+        zs = z.stride() if z is not None else (0, 0, 0)
+        _ssm_nloop_kernel[(triton.cdiv(d, BD), G, bsz)](
+            u, delta, A, B, C, D if D is not None else dummy, zz, h0 if h0 is not None else dummy, y, hl, S, ds,
+            d, n, L, LG, G, G - 1,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None,
+            BD=BD, NP=NP, NN=n, T=T, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        return y, hl
     if seq:
         LG = triton.cdiv(L, cfg["G"])
         G = triton.cdiv(L, LG)

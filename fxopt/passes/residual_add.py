@@ -2,7 +2,8 @@
 
 Any tree of two or more ``aten.add.Tensor`` / ``aten.sub.Tensor`` nodes (alpha 1, all
 operands and results of one floating dtype) whose intermediate results are used only
-inside the tree becomes one ``fxopt::fused_add_tree`` call whose tree string spells
+inside the tree becomes one ``fxopt::fused_add_tree`` call (through its graph entry point
+:func:`fxopt.ops.fused_add.fused_add_tree`) whose tree string spells
 exactly that tree: same association, one rounding to the storage dtype after every add,
 so the result is bit-equal to eager (fp32/fp16/bf16/fp64, inf/nan/-0.0/subnormals,
 broadcast and non-contiguous operands). GPTNeoX's parallel residual
