@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 import fxopt  # noqa: E402
 from fxopt.models.hf import gpt_neox_2_8b_config, mamba_130m_config  # noqa: E402
 

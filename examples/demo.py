@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 import fxopt  # noqa: E402
 from fxopt.models.hf import tiny_gpt_neox, tiny_hf_mamba  # noqa: E402
 from fxopt.models.seed_mamba import seed_mamba  # noqa: E402

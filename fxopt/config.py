@@ -55,12 +55,33 @@ def get_config() -> Config:
         debug=_int("FXOPT_DEBUG", 0),
         dump_dir=Path(dump) if dump else None,
         cache_dir=Path(cache),
-        backend=os.environ.get("FXOPT_BACKEND", "triton"),
+        backend=backend(),
         shape_cache_size=max(1, _int("FXOPT_SHAPE_CACHE_SIZE", 8)),
         fuzz_examples=_int("FXOPT_FUZZ_EXAMPLES", 200),
         hypothesis_profile=os.environ.get("FXOPT_HYPOTHESIS_PROFILE", "ci"),
         progress=progress,
     )
+
+
+# FXOPT_BACKEND is read on every fused-kernel launch (so a benchmark can switch
+# backends between runs). os.environ.get costs ~1.5 us, as much as the rest of the
+# launch key, so the hot path reads os.environ's underlying dict directly.
+try:
+    _ENV_DATA = os.environ._data  # type: ignore[attr-defined]
+    _BACKEND_KEY = os.environ.encodekey("FXOPT_BACKEND")  # type: ignore[attr-defined]
+
+    def backend_raw():
+        """FXOPT_BACKEND as stored (bytes or None): a cheap cache-key component."""
+        return _ENV_DATA.get(_BACKEND_KEY)
+except AttributeError:  # pragma: no cover - non-CPython
+
+    def backend_raw():
+        return os.environ.get("FXOPT_BACKEND")
+
+
+def backend() -> str:
+    """The codegen backend: triton (default), cuda or torch."""
+    return os.environ.get("FXOPT_BACKEND", "triton")
 
 
 def debug_log(level: int, msg: str) -> None:

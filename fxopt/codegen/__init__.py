@@ -16,14 +16,14 @@ from typing import Callable, Optional
 import torch
 import torch.fx
 
-from ..config import get_config
+from .. import config
 
 SourceProvider = Callable[[torch.fx.Node], Optional[tuple[str, str]]]
 _PROVIDERS: dict[object, SourceProvider] = {}
 
 
 def get_backend() -> str:
-    return get_config().backend
+    return config.backend()
 
 
 def register_source_provider(op_overload, fn: SourceProvider) -> None:

@@ -22,13 +22,13 @@ root first, then intermediates that also had users outside the tree).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import torch
 
 from ..codegen import elementwise as ew
 from ..codegen.cache import build_cuda_extension, load_triton_module
+from .. import config
 from ..errors import CodegenError
 
 OP_NAME = "fxopt::fused_add_tree"
@@ -87,20 +87,8 @@ _LAUNCHERS: dict[tuple, _Launcher] = {}
 _MAX_LAUNCHERS = 4096
 
 
-def _backend() -> str:
-    return os.environ.get("FXOPT_BACKEND", "triton")
-
-
-# The hot path reads FXOPT_BACKEND from os.environ's underlying dict (os.environ.get
-# costs ~1.5 us, as much as the rest of the key); falls back to os.environ.get.
-try:
-    _ENV_DATA = os.environ._data  # type: ignore[attr-defined]
-    _BACKEND_KEY = os.environ.encodekey("FXOPT_BACKEND")  # type: ignore[attr-defined]
-
-    def _backend_raw():
-        return _ENV_DATA.get(_BACKEND_KEY)
-except AttributeError:  # pragma: no cover - non-CPython
-    _backend_raw = _backend
+_backend = config.backend
+_backend_raw = config.backend_raw
 
 
 def _spec_key(xs, tree: str, backend: str) -> tuple:
