@@ -115,11 +115,13 @@ def kernel_rows(args, bw):
 
 
 def _parse_specs(blocks):
-    """'kind,BD,warps' (seq, chunk) or 'nloop,BD,T,warps', separated by ';'."""
+    """'kind,BD,warps' (seq, chunk), 'nloop,BD,T,warps' or 'seqk,BD,K,warps', separated by ';'."""
     specs = []
     for spec in blocks.split(";"):
         f = spec.split(",")
-        if f[0] == "nloop":
+        if f[0] == "seqk":
+            specs.append(dict(kind="seqk", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3])))
+        elif f[0] == "nloop":
             specs.append(dict(kind="nloop", BD=int(f[1]), T=int(f[2]), num_warps=int(f[3])))
         elif f[0] == "chunk":
             specs.append(dict(kind="chunk", BD=int(f[1]), T=16, num_warps=int(f[2])))
@@ -144,11 +146,13 @@ def tune(args, bw):
         fb = floor_bytes(b, L, d, n, 4)
         floor_ms = fb / bw * 1e3
         best = None
-        gs = args.gs if args.gs else ([1, 2, 4, 8, 16, 32] if b * d <= 2048 else [1, 2])
+        gs = [1, 2, 4, 8, 16, 32] if b * d <= 2048 else [1, 2]
+        if args.gs:
+            gs = [G for G in args.gs if G in gs]
         cfgs = [dict(kind="default")]
         for spec in specs:
             for G in gs:
-                if spec["kind"] == "nloop" and G * spec["T"] > L:
+                if G * spec.get("T", spec.get("K", 1)) > L:
                     continue
                 cfgs.append(dict(spec, G=G, num_stages=args.stages if spec["kind"] == "seq" else spec.get("num_stages", 1)))
         for cfg in cfgs:

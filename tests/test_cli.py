@@ -14,7 +14,6 @@ from fxopt.cli import _parse_sets, main
 
 REPO = Path(__file__).resolve().parents[1]
 
-needs_optimize = pytest.mark.skipif(not hasattr(fxopt, "optimize"), reason="fxopt.optimize not available")
 
 # A user factory module: a small layered model plus a user pass that fuses (a + b) + c.
 FACTORY_SRC = textwrap.dedent(
@@ -113,7 +112,6 @@ def _run(*argv, cwd=REPO):
     )
 
 
-@needs_optimize
 def test_inspect_demo_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "neox"
     rc = main(["inspect", "gpt_neox", "--seq-len", "8", "--layers", "3", "--out", str(out), "--passes", "",
@@ -131,7 +129,6 @@ def test_inspect_demo_model_end_to_end(tmp_path, capsys):
     assert "gpt_neox.layers.2" in (out / "graph.html").read_text()
 
 
-@needs_optimize
 def test_inspect_factory_with_user_pass(tmp_path, capsys, factory_module):
     out = tmp_path / "f"
     rc = main(["inspect", f"{factory_module}:build", "--passes", "cli_test_add3", "--out", str(out), "--quiet",
@@ -146,7 +143,6 @@ def test_inspect_factory_with_user_pass(tmp_path, capsys, factory_module):
     assert "cli_test_add3" in (out / "report.txt").read_text()
 
 
-@needs_optimize
 def test_inspect_factory_errors(tmp_path, capsys, factory_module):
     # a bare model without config.vocab_size: no example inputs can be made
     rc = main(["inspect", f"{factory_module}:model_only", "--out", str(tmp_path), "--quiet"])
@@ -162,7 +158,6 @@ def test_inspect_factory_errors(tmp_path, capsys, factory_module):
     assert rc == 1 and "gpt_neox" in err and "package.module:factory" in err
 
 
-@needs_optimize
 def test_inspect_unknown_pass_is_a_clear_error(tmp_path, capsys):
     rc = main(["inspect", "gpt_neox", "--passes", "no_such_pass", "--out", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err

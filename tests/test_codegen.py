@@ -13,8 +13,8 @@ import torch
 from fxopt.codegen import elementwise as ew
 from fxopt.errors import CodegenError
 
-hypothesis = pytest.importorskip("hypothesis")
-triton = pytest.importorskip("triton")
+import hypothesis
+import triton
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

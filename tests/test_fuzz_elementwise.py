@@ -27,7 +27,7 @@ from fxopt.passes.addcmul import AddcmulPass
 from fxopt.passes.residual_add import ResidualAddPass
 from fxopt.testing import bitwise
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -437,9 +437,7 @@ def test_write_inspection_optimized_module_and_kernels(tmp_path, neox_pair, monk
 
 def test_write_inspection_real_optimize(tmp_path):
     """End to end through fxopt.optimize with a user pass that marks provenance."""
-    fxopt = pytest.importorskip("fxopt")
-    if not hasattr(fxopt, "optimize"):
-        pytest.skip("fxopt.optimize not available")
+    import fxopt
     from fxopt import Pass, PassResult
     from fxopt.models.hf import tiny_gpt_neox
 

@@ -8,7 +8,7 @@ import torch
 from fxopt.models.seed_mamba import seed_mamba
 from fxopt.passes.scan import SELECTIVE_SCAN, ScanPass
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from fxopt.models.hf import tiny_hf_mamba  # noqa: E402
 
 
