@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch.fx
 
 from .graph_utils import op_name
-from .pattern import Attempt, Rule, _as_rules, _index_by_target, _Matcher, _Positions
+from .pattern import Attempt, RewritePass, Rule, _as_rules, _index_by_target, _Matcher, _Positions
 
 __all__ = ["explain", "ExplainReport", "RuleExplanation", "NearMiss"]
 
@@ -142,8 +142,17 @@ def _explain_rule(graph_module: torch.fx.GraphModule, rule: Rule, idx, top: int)
 
 def explain(graph_module: torch.fx.GraphModule, rule, top: int = 5) -> ExplainReport:
     """Report, for each rule of ``rule`` (a Rule, RuleSet, list of rules or RewritePass),
-    its matches and its ranked near misses in ``graph_module``. Read-only."""
+    its matches and its ranked near misses in ``graph_module``. Read-only.
+
+    Structural passes that are not rule tables (``"scan"``) explain themselves: give
+    the pass or its registered name and its own ``explain(gm, top)`` report comes back."""
     gm = getattr(graph_module, "graph_module", graph_module)  # an OptimizedModule works too
+    if isinstance(rule, str):
+        from .registry import get_pass
+
+        rule = get_pass(rule)
+    if not isinstance(rule, RewritePass) and callable(getattr(rule, "explain", None)):
+        return rule.explain(gm, top=top)
     rules = _as_rules(rule)
     idx = _index_by_target(gm.graph)
     return ExplainReport([_explain_rule(gm, r, idx, top) for r in rules])

@@ -239,3 +239,17 @@ def test_explain_says_why(mod):
     p = ScanPass()
     p(gm)
     assert p.last_rejections
+
+
+
+def test_fxopt_explain_by_pass_name_reports_scan_rejections():
+    """The public entry point: fxopt.explain(gm, "scan") gives the scan pass's own report."""
+    import fxopt
+
+    gm = _export(Reordered(), _inputs())
+    report = fxopt.explain(gm, "scan")
+    text = str(report)
+    assert not report.matched
+    assert "rejected" in text and "furthest first" in text
+    assert str(explain_scan(gm)[0]) in text
+    assert fxopt.explain(_export(AddcmulLoop(), _inputs()), "scan").matched

@@ -631,6 +631,10 @@ class ScanPass(Pass):
         self.last_rejections: list[Rejection] = []
         self.last_matches: list[dict] = []
 
+    def explain(self, gm: torch.fx.GraphModule, top: int = 5) -> ScanExplanation:
+        """Why candidates in ``gm`` would not be re-rolled (read-only)."""
+        return ScanExplanation(explain_scan(gm), top)
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.last_rejections = []
         self.last_matches = []
@@ -1028,8 +1032,6 @@ def _bulk_remove(g: torch.fx.Graph, dead: dict) -> bool:
 
 def explain_scan(gm: torch.fx.GraphModule) -> list[Rejection]:
     """Why the scan pass would not fire on candidates of ``gm`` (does not modify ``gm``)."""
-    import copy
-
     p = ScanPass()
     g = _Graph(gm)
     chains = _find_chains(g, p.last_rejections)
@@ -1042,8 +1044,30 @@ def explain_scan(gm: torch.fx.GraphModule) -> list[Rejection]:
             _analyse_readout(ch, g)
         except NotTracked as exc:
             out.append(Rejection(ch.steps[0].name, str(exc), len(ch.steps)))
-    del copy
     return out
+
+
+@dataclass
+class ScanExplanation:
+    """What ``fxopt.explain(gm, "scan")`` returns: candidates that did not re-roll, the
+    ones that got furthest (most steps) first."""
+
+    rejections: list[Rejection]
+    top: int = 5
+
+    @property
+    def matched(self) -> bool:
+        return not self.rejections
+
+    def __str__(self) -> str:
+        if not self.rejections:
+            return "scan: no rejected candidate (every recurrence found would be re-rolled)"
+        ranked = sorted(self.rejections, key=lambda r: -r.steps)
+        lines = [f"scan: {len(ranked)} candidate recurrence(s) rejected; furthest first:"]
+        lines += [f"  {i + 1}. {r}" for i, r in enumerate(ranked[: self.top])]
+        if len(ranked) > self.top:
+            lines.append(f"  ... {len(ranked) - self.top} more")
+        return "\n".join(lines)
 
 
 register_pass("scan", ScanPass)
