@@ -368,10 +368,10 @@ def _ssm_nloop_kernel(
         tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
 
 
-@triton.jit(do_not_specialize=["LG", "G", "GM1"])
+@triton.jit(do_not_specialize=["LGK", "G", "GM1"])
 def _ssm_seqk_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
-    D_, N_, L_, LG, G, GM1,
+    D_, N_, L_, LGK, G, GM1,
     s_ub, s_ud, s_ul,
     s_tb, s_td, s_tl,
     s_ad, s_an,
@@ -387,7 +387,8 @@ def _ssm_seqk_kernel(
     scattered 4-byte loads), prefetched one chunk ahead (loop-carried registers), the K steps
     unrolled over the in-register tile, and y written as one (BD, K) tile; the D and silu(z)
     epilogue runs on the tile. STATE_ONLY: the group pre-pass (end state from zero, delta sum).
-    Groups are ``LG`` steps long, LG a multiple of K."""
+    Groups are ``LGK * K`` steps long (passed in chunks so that the compiler sees tile starts
+    aligned to K: 16-byte vector loads)."""
     pid_d = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
@@ -412,6 +413,7 @@ def _ssm_seqk_kernel(
     if HAS_D:
         Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     dsum = tl.zeros((BD,), dtype=tl.float32)
+    LG = LGK * K
     l0 = g * LG
     u_base = u_ptr + b * s_ub + offs_d[:, None] * s_ud
     t_base = dt_ptr + b * s_tb + offs_d[:, None] * s_td
@@ -437,7 +439,7 @@ def _ssm_seqk_kernel(
         Cc = C_n.to(tl.float32)
         # prefetch the next chunk (masked off past the group / sequence end)
         tn = tt + K
-        mtn = ((tn < L_) & (c + K + offs_k < LG))[None, :]
+        mtn = (tn < L_)[None, :] & (c + K < LG)   # LG is a multiple of K
         dt_n = tl.load(t_base + tn[None, :] * s_tl, mask=md[:, None] & mtn, other=0.0)
         u_n = tl.load(u_base + tn[None, :] * s_ul, mask=md[:, None] & mtn, other=0.0)
         B_n = tl.load(B_base + tn[None, :] * s_bl, mask=mn[:, None] & mtn, other=0.0)
@@ -490,21 +492,28 @@ _CONFIG_OVERRIDE: dict = {}
 
 def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> dict:
     """Launch choice for a selective scan of this size. Measured on an H100 (benchmarks/scan.py
-    --tune): the one-step-per-iteration kernel with 32 channels per one-warp program beats the
-    chunked associative-scan kernel at every measured shape; the sequence is split into G groups
-    until there are enough programs to fill the GPU (G=32 at b1 d1536 L2048, 16 at L512, 1 at b4
-    d5120)."""
+    --tune, 2026-11-22): the tiled one-step-per-iteration kernel (``seqk``: (32, 4) input tiles,
+    one warp per 32 channels) beats the scattered-load ``seq`` kernel and the chunked
+    associative-scan kernels (``chunk``, ``nloop``) at every measured shape; the sequence is split
+    into G groups until there are about 12 programs per multiprocessor (G=32 at b1 d1536 L2048,
+    16 at L512, 1 at b4 d5120, where a split measured slower)."""
     if _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE)
+    return dict(_choose_config(bsz, d, L, n, device_index))
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_config(bsz: int, d: int, L: int, n: int, device_index: int) -> dict:
     NP = _next_pow2(max(n, 1))
     BD = 32 if NP <= 16 else max(4, 512 // NP)
     BD = min(BD, max(4, _next_pow2(d)))
     nprog = bsz * triton.cdiv(d, BD)
+    sms = _sm_count(device_index)
     G = 1
-    if nprog < 2 * _sm_count(device_index):
-        while G * 2 <= min(32, max(1, L // 32)):
+    if nprog < 4 * sms:
+        while G * 2 <= min(32, max(1, L // 32)) and nprog * G * 2 <= 12 * sms:
             G *= 2
-    return dict(kind="seq", BD=BD, G=G, num_warps=1, num_stages=2)
+    return dict(kind="seqk", BD=BD, K=4, G=G, num_warps=1, num_stages=1)
 
 
 def selective_scan_triton(
@@ -556,12 +565,12 @@ def selective_scan_triton(
         common = dict(BD=BD, NP=NP, K=K, num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1))
         if G > 1:
             _ssm_seqk_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
-                u, delta, A, B, C, dummy, zz, dummy, y, hl, S, ds, d, n, L, LG, G, G - 1,
+                u, delta, A, B, C, dummy, zz, dummy, y, hl, S, ds, d, n, L, LG // K, G, G - 1,
                 *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
                 HAS_D=False, HAS_Z=False, HAS_H0=False, STATE_ONLY=True, **common)
         _ssm_seqk_kernel[(triton.cdiv(d, BD), G, bsz)](
             u, delta, A, B, C, D if D is not None else dummy, zz, h0 if h0 is not None else dummy, y, hl, S, ds,
-            d, n, L, LG, G, G - 1,
+            d, n, L, LG // K, G, G - 1,
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STATE_ONLY=False, **common)
         return y, hl
