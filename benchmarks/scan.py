@@ -4,6 +4,9 @@
     python benchmarks/scan.py --skip-compile  # without torch.compile (L=512 compile takes minutes)
     python benchmarks/scan.py --skip-e2e      # kernel table only
     python benchmarks/scan.py --tune          # sweep block shapes of the Triton kernel
+    python benchmarks/scan.py --tune --blocks 'seqk,16,8,1,pf2;seqk,32,4,1' --gs 1 16 32
+    python benchmarks/scan.py --compare cfgs.json --rounds 3   # {"b,L,d,n": [config, ...]}
+    python benchmarks/scan.py --check [--profile-host]          # GPU correctness, host time per call
     python benchmarks/scan.py --json out.json
 
 Kernel table, per shape (b, L, d, n): the eager loop (the seed-style Python loop of
@@ -115,14 +118,12 @@ def kernel_rows(args, bw):
 
 
 def _parse_specs(blocks):
-    """'kind,BD,warps' (seq, chunk), 'nloop,BD,T,warps' or 'seqk,BD,K,warps', separated by ';'."""
+    """'kind,BD,warps' (seq, chunk) or 'seqk,BD,K,warps[,pf2]', separated by ';'."""
     specs = []
     for spec in blocks.split(";"):
         f = spec.split(",")
         if f[0] == "seqk":
-            specs.append(dict(kind="seqk", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3])))
-        elif f[0] == "nloop":
-            specs.append(dict(kind="nloop", BD=int(f[1]), T=int(f[2]), num_warps=int(f[3])))
+            specs.append(dict(kind="seqk", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3]), PF2=len(f) > 4 and f[4] == "pf2"))
         elif f[0] == "chunk":
             specs.append(dict(kind="chunk", BD=int(f[1]), T=16, num_warps=int(f[2])))
         else:
@@ -189,6 +190,105 @@ def tune(args, bw):
     return out
 
 
+def compare(args, bw):
+    """Time given configs per shape in interleaved rounds (median of each round, min over rounds)
+    plus a CUDA-graph replay; each config checked against the reference first. ``--compare``
+    names a JSON file: {"b,L,d,n": [config, ...], ...}; the default config is always included."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref
+
+    spec = json.load(open(args.compare))
+    table = []
+    for key, cfgs in spec.items():
+        b, L, d, n = (int(v) for v in key.split(","))
+        x = make_inputs(b, L, d, n, seed=1)
+        ref, href = selective_scan_ref(*x)
+        floor_ms = floor_bytes(b, L, d, n, 4) / bw * 1e3
+        cands = [None] + cfgs
+        ok = {}
+        for i, c in enumerate(cands):
+            y, hl = st.selective_scan_triton(*x, config=c)
+            ok[i] = check(y, ref, f"{c}")[0] and check(hl, href, f"{c} h_last")[0]
+        times = {i: [] for i in range(len(cands))}
+        for _ in range(args.rounds):
+            for i, c in enumerate(cands):
+                times[i].append(do_bench(lambda: st.selective_scan_triton(*x, config=c), return_mode="median"))
+        for i, c in enumerate(cands):
+            g = do_bench_cudagraph(lambda: st.selective_scan_triton(*x, config=c), return_mode="median")
+            cfg = c if c is not None else dict(st.choose_config(b, d, L, n), default=True)
+            row = dict(shape=[b, L, d, n], cfg=cfg, ms=min(times[i]), ms_rounds=times[i], graph_ms=g, ok=ok[i], floor_ms=floor_ms)
+            table.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"{'shape':22} {'ms(min med)':>11} {'rounds':>26} {'graph':>7} {'peer':>6} ok  cfg")
+    for r in table:
+        shp = tuple(r["shape"])
+        c = {k: v for k, v in r["cfg"].items() if k not in ("kind", "num_stages")}
+        print(f"{str(shp):22} {r['ms']:11.4f} {' '.join('%.4f' % t for t in r['ms_rounds']):>26} {r['graph_ms']:7.4f} "
+              f"{PEER_MS.get(shp, 0):6.3f} {'y' if r['ok'] else 'N'}  {json.dumps(c)}")
+    return table
+
+
+def check_mode(args):
+    """GPU correctness of the default and the fused-launch configs on fresh random inputs (fp32 and
+    bf16, with D, z and h0), each run 10 times (a race shows as a changing or wrong result), and the
+    host time of one call on a tiny problem."""
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref
+
+    bad = 0
+    for (b, L, d, n) in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            u, delta, A, B, C, D = make_inputs(b, L, d, n, dtype, seed=7)
+            z = torch.randn_like(u)
+            h0 = torch.randn(b, d, n, device=u.device)
+            ref, href = selective_scan_ref(u, delta, A, B, C, D, z, h0, torch.float32)
+            cfgs = [None]
+            dflt = st.choose_config(b, d, L, n)
+            if dflt["G"] > 1:
+                cfgs.append(dict(dflt, fused=not dflt.get("fused", False)))
+            for c in cfgs:
+                first = None
+                for _ in range(10):
+                    y, hl = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32, config=c)
+                    ok = check(y, ref, f"{c}")[0] and check(hl, href, f"{c} h")[0]
+                    same = first is None or bool(torch.equal(first, y))
+                    first = y if first is None else first
+                    if not (ok and same):
+                        bad += 1
+                        print("  !! mismatch", (b, L, d, n), dtype, c, ok, same, flush=True)
+                        break
+                print(f"check {(b, L, d, n)} {str(dtype):15} {c if c else 'default'}: {'ok' if ok and same else 'FAIL'}", flush=True)
+    x = make_inputs(1, 64, 16, 16)
+    for c in (dict(kind="seqk", BD=16, K=8, G=1), dict(kind="seqk", BD=16, K=8, G=2), dict(kind="seqk", BD=16, K=8, G=2, fused=True)):
+        for _ in range(20):
+            st.selective_scan_triton(*x, config=c)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            st.selective_scan_triton(*x, config=c)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"host time per call {c}: {(t1 - t0) / 200 * 1e6:.1f} us", flush=True)
+    if args.profile_host:
+        import cProfile
+        import pstats
+
+        x = make_inputs(1, 2048, 1536, 16)
+        st.selective_scan_triton(*x)  # compile outside the profile
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            st.selective_scan_triton(*x)
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+    print("CHECK", "FAIL" if bad else "OK", flush=True)
+    return bad
+
+
 def e2e_rows(args):
     """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"])."""
     import fxopt
@@ -235,8 +335,13 @@ def main(argv=None):
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--dtypes-all", action="store_true", help="also time bf16 inputs")
     p.add_argument("--tune", action="store_true")
-    p.add_argument("--blocks", default="chunk,8,2;seq,16,1;seq,32,1;seq,32,2;seq,64,2;seq,64,4;seq,128,4", help="tune: 'kind,BD,warps;...'")
+    p.add_argument("--blocks", default="seqk,16,8,1,pf2;seqk,16,8,1;seqk,32,8,1,pf2;seqk,32,4,1;seq,32,1",
+                   help="tune: 'kind,BD,warps' (seq, chunk) or 'seqk,BD,K,warps[,pf2]', ';'-separated")
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--compare", default=None, help="JSON file {'b,L,d,n': [config, ...]}: time these (interleaved rounds)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile-host", action="store_true", help="with --check: cProfile 200 default calls")
+    p.add_argument("--check", action="store_true", help="GPU correctness (fp32/bf16, D, z, h0, repeated) + host time")
     p.add_argument("--gs", type=int, nargs="*", default=None, help="tune: group counts to try")
     p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--json", default=None)
@@ -252,7 +357,11 @@ def main(argv=None):
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, copy_bw_TBps=bw / 1e12,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    if args.tune:
+    if args.check:
+        result["check_failures"] = check_mode(args)
+    if args.compare:
+        result["compare"] = compare(args, bw)
+    elif args.tune:
         result["tune"] = tune(args, bw)
     else:
         if not args.skip_kernels:

@@ -11,6 +11,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from . import layer_generic as lyr
 from . import length_generic as lg
 from .capture import capture, normalize_call
 from .config import get_config
@@ -49,9 +50,15 @@ def call_signature(args: tuple, kwargs: dict) -> tuple:
 
 @dataclass
 class Specialization:
-    original: torch.fx.GraphModule
+    original: Any  # the captured GraphModule, or a function that builds it on first use
     optimized: torch.fx.GraphModule
     report: Report
+    layer_template: bool = False  # built from a layer-generic template (layer_generic.py)
+
+    def original_graph_module(self) -> torch.fx.GraphModule:
+        if not isinstance(self.original, torch.nn.Module):
+            self.original = self.original()
+        return self.original
 
 
 class OptimizedModule(torch.nn.Module):
@@ -64,7 +71,7 @@ class OptimizedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
                  passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None,
-                 seq_dim: int | str | None = "auto"):
+                 seq_dim: int | str | None = "auto", layer_templates: bool = True):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise FxoptError(f"optimize needs a torch.nn.Module, got {type(model).__name__}")
@@ -77,6 +84,10 @@ class OptimizedModule(torch.nn.Module):
         self._cache_size = cache_size or get_config().shape_cache_size
         self._last: Specialization | None = None
         self._templates: dict[tuple, lg.LengthTemplate | None] = {}
+        # Deep models: optimize proxies with 1-3 of the stack's layers and instantiate the
+        # rewritten graph for all of them (see layer_generic.py). (path, n) or None.
+        self._layer_stack = lyr.find_layer_stack(model) if layer_templates else None
+        self._layer_templates: dict[tuple, tuple | None] = {}
         args, kwargs = normalize_call(model, args, kwargs)
         self._seq_dim = _infer_seq_dim(args) if seq_dim == "auto" else seq_dim
         self._specialize(args, kwargs, call_signature(args, kwargs))
@@ -104,7 +115,13 @@ class OptimizedModule(torch.nn.Module):
             probes: list[Specialization] = []
 
             def optimize_at(a, k):
-                probes.append(self._capture_and_rewrite(a, k))
+                # Layer templates compose: each probe length is optimized from 1-3 layer
+                # proxies. Only the first length verifies with 3 layers: the layers proved
+                # interchangeable there, the later lengths still check their 1- and 2-layer
+                # graphs against the template, and build_template then demands that the
+                # three n-layer graphs agree node for node up to affine literals.
+                ks = lyr.DEFAULT_KS if not probes else (1, 2) if probes[0].layer_template else None
+                probes.append(self._capture_and_rewrite(a, k, layer_ks=ks))
                 return probes[-1].optimized
 
             try:
@@ -133,8 +150,66 @@ class OptimizedModule(torch.nn.Module):
         report.instantiate_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
         return Specialization(probe.original, gm, report)
 
-    def _capture_and_rewrite(self, args: tuple, kwargs: dict) -> Specialization:
-        model = self._model
+    def _from_layer_template(self, args: tuple, kwargs: dict, ks: tuple[int, ...]) -> Specialization | None:
+        """Deep models: the rewritten graph instantiated from a layer-generic template
+        (see layer_generic.py). None when not applicable or the template does not fit."""
+        path, n = self._layer_stack
+        key = call_signature(args, kwargs)
+        if key not in self._layer_templates:
+            probes: list[Specialization] = []
+
+            def optimize_at(module, a, k):
+                probes.append(self._rewrite(module, a, k))
+                return probes[-1].optimized
+
+            try:
+                template = lyr.build_layer_template(optimize_at, self._model, args, kwargs, path, n, ks)
+                entry = (template, lyr.scale_report([p.report for p in probes], ks, n), [p.original for p in probes])
+            except lg.TemplateMismatch as exc:
+                entry, self._layer_failure = None, str(exc)
+            self._layer_templates[key] = entry
+        if self._layer_templates[key] is None:
+            return None
+        template, base_report, captured = self._layer_templates[key]
+        t0 = time.perf_counter()
+        try:
+            gm = template.instantiate(n, args, kwargs)
+        except lg.TemplateMismatch as exc:
+            self._layer_failure = str(exc)
+            return None
+        report = copy.copy(base_report)
+        report.nodes_final = len(gm.graph.nodes)
+        report.notes = [
+            f"layer-generic: graph for the {n} layers of {path} instantiated from captures with {list(ks)} "
+            f"of them; probes took {template.probe_seconds:.2f} s, instantiation "
+            f"{time.perf_counter() - t0:.2f} s; matches and node counts are extrapolated to {n} layers, "
+            "times are the probes'"]
+
+        def original() -> torch.fx.GraphModule:
+            # The graph as captured, at full depth: the same template fitted to the probes'
+            # captures, built only when asked for (inspection). If the captures do not fit
+            # (a pass made the layers alike), the 1-layer proxy's capture stands in.
+            try:
+                return lyr.fit_layer_template(self._model, path, n, captured, ks).instantiate(n, args, kwargs)
+            except lg.TemplateMismatch:
+                return captured[0]
+
+        return Specialization(original, gm, report, layer_template=True)
+
+    def _capture_and_rewrite(self, args: tuple, kwargs: dict,
+                             layer_ks: tuple[int, ...] | None = lyr.DEFAULT_KS) -> Specialization:
+        spec = None
+        if self._layer_stack is not None and layer_ks:
+            spec = self._from_layer_template(args, kwargs, layer_ks)
+        spec = spec or self._rewrite(self._model, args, kwargs)
+        if getattr(self, "_layer_failure", None) and not spec.layer_template:
+            spec.report.notes.append(f"layer-generic template not used: {self._layer_failure}")
+        if getattr(self, "_template_failure", None):
+            spec.report.notes.append(f"length-generic template not used: {self._template_failure}")
+        return spec
+
+    def _rewrite(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> Specialization:
+        """Capture ``model`` (the user's, or a layer proxy) and run the passes."""
         captured = capture(model, args, kwargs)
         report = Report(capture_seconds=captured.meta.get("fxopt_capture_seconds", 0.0),
                         nodes_captured=len(captured.graph.nodes), model=type(model).__name__)
@@ -142,8 +217,6 @@ class OptimizedModule(torch.nn.Module):
         work = copy_graph_module(captured)
         report.copy_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
         optimized, report = PassManager(resolve_passes(self._pass_specs)).run(work, report)
-        if getattr(self, "_template_failure", None):
-            report.notes.append(f"length-generic template not used: {self._template_failure}")
         return Specialization(captured, optimized, report)
 
     def forward(self, *args, **kwargs):
@@ -173,8 +246,14 @@ class OptimizedModule(torch.nn.Module):
 
         When the specialisation came from a length-generic template (long sequences),
         this is the capture at the first probe length: the point of the template is that
-        the unrolled graph at the real length is never built."""
-        return self._last.original
+        the unrolled graph at the real length is never built.
+
+        When it came from a layer-generic template (deep models, see layer_generic.py),
+        the full model is never captured: this is the layer template fitted to the
+        proxies' captures (before passes), instantiated at full depth on first access;
+        node names match graph_module's. Should those captures not fit a template, it is
+        the capture of the 1-layer proxy (the model with only its stack's first layer)."""
+        return self._last.original_graph_module()
 
     @property
     def specializations(self) -> int:
@@ -204,7 +283,7 @@ def _infer_seq_dim(args: tuple) -> int | None:
 
 def optimize(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
              passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None,
-             seq_dim: int | str | None = "auto") -> OptimizedModule:
+             seq_dim: int | str | None = "auto", layer_templates: bool = True) -> OptimizedModule:
     """Capture ``model(*args, **kwargs)``, run ``passes`` (names or Pass objects; None =
     the library defaults) and return a module that computes the same thing.
 
@@ -215,8 +294,14 @@ def optimize(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
     disagree. ``"auto"``: dim 1 when the first input is an integer (b, l) tensor of
     token ids; ``None`` turns this off.
 
+    ``layer_templates``: for a model with a stack of at least 4 structurally identical
+    layers (an ``nn.ModuleList``), capture proxies holding 1-3 of them and instantiate the
+    rewritten graph for all layers (see ``fxopt/layer_generic.py``), falling back to a
+    full capture when the layers' graphs differ. ``False`` always captures the whole model.
+
     >>> opt = fxopt.optimize(model, (input_ids,))
     >>> logits = opt(input_ids).logits
     >>> print(opt.report())
     """
-    return OptimizedModule(model, args, kwargs, passes, cache_size=cache_size, seq_dim=seq_dim)
+    return OptimizedModule(model, args, kwargs, passes, cache_size=cache_size, seq_dim=seq_dim,
+                           layer_templates=layer_templates)

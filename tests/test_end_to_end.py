@@ -83,3 +83,12 @@ def test_optimized_graph_still_exports():
     opt = fxopt.optimize(model, (ids,))
     again = fxopt.capture(opt.graph_module, (ids,), {"use_cache": False})
     assert torch.equal(_logits(again(ids, use_cache=False)), _logits(opt(ids)))
+
+
+def test_generated_kernel_source_is_visible():
+    mamba = fxopt.optimize(seed_mamba(), (torch.randint(0, 256, (1, 6)),))
+    src = mamba.kernel_sources()
+    assert list(src) == ["fxopt_scan_triton"] and "@triton.jit" in src["fxopt_scan_triton"]
+    neox = fxopt.optimize(tiny_gpt_neox(), (torch.randint(0, 128, (1, 6)),), passes=["residual_add"])
+    (name, code), = neox.kernel_sources().items()
+    assert name.startswith("fxopt_add_tree") and "@triton.jit" in code

@@ -115,7 +115,13 @@ _INTERP = textwrap.dedent("""
         return [u, delta, A, B, C, D, z, h0]
     cases = [((1, 5, 13, 3), dict(kind="seq", BD=4, G=1)), ((2, 3, 21, 16), dict(kind="seq", BD=2, G=3)),
              ((1, 3, 1, 1), dict(kind="seq", BD=4, G=1)), ((1, 5, 37, 3), dict(kind="chunk", BD=4, T=8, G=1)),
-             ((1, 3, 20, 5), dict(kind="chunk", BD=2, T=8, G=2))]
+             ((1, 3, 20, 5), dict(kind="chunk", BD=2, T=8, G=2)),
+             # the default kind; fused = pre-pass and main pass in one launch with ticketed
+             # program ids; repeated calls check that flags and the ticket are reset
+             ((2, 6, 70, 5), dict(kind="seqk", BD=4, K=8, G=4, fused=True)),
+             ((1, 3, 75, 3), dict(kind="seqk", BD=2, K=4, G=9, PF2=True)),
+             ((1, 3, 75, 3), dict(kind="seqk", BD=2, K=4, G=9, PF2=True, fused=True)),
+             ((1, 5, 13, 3), dict(kind="seqk", BD=4, K=8, G=1, PF2=True))]
     for (b, d, L, n), cfg in cases:
         for dt in (torch.float32, torch.bfloat16):
             x = mk(b, d, L, n, dt)

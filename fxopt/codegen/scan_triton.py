@@ -1,21 +1,24 @@
 """Triton kernels for the scan custom ops (:mod:`fxopt.ops.scan`), each beside its ``_ref``.
 
-Selective scan (``fxopt::selective_scan``), chunked along L:
+Selective scan (``fxopt::selective_scan``); the launch choice per shape is :func:`choose_config`.
 
-* the sequence is cut into ``G`` groups (one program per (channel block, group, batch)); each
-  group is walked in chunks of ``T`` steps. Inside a chunk the recurrence is solved with
-  ``tl.associative_scan`` over the time axis of a ``[BD, N, T]`` tile with the combine
-  ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``; the chunk's carry-in state is applied
-  afterwards (``h_t = A_t h_in + B_t``), so the exp/FMA work of a chunk is independent of the
-  previous chunk and only one FMA per element sits on the sequential path.
-* with ``G > 1`` (small batch * channels: not enough programs to fill the GPU otherwise) a first,
-  cheaper kernel computes each group's end state from zero (closed form with a cumulative sum
-  of delta, no scan) and its delta sum; the main kernel folds the aggregates of the preceding
-  groups into its carry-in (``h = exp(A sum delta) h + S``), reading a few KiB from L2.
-* the (b, d, l, n) tensors live only in registers; u, delta, B, C, z are read once (twice for
-  u, delta, B when ``G > 1``) and y written once. State and arithmetic in fp32.
+* ``seqk`` (the default): one time step per iteration with the state ``[BD, NP]`` in registers
+  (only the FMA ``h = a h + x`` is on the sequential path), but the inputs come in ``(BD, K)`` /
+  ``(NP, K)`` register tiles with the K time steps contiguous (16-byte loads, coalesced along l),
+  prefetched one or two chunks ahead, the K steps unrolled over the tile, y stored as one
+  ``(BD, K)`` tile with the D / silu(z) epilogue applied on the tile. With few (batch x channel
+  block) programs the sequence is cut into G groups: a pre-pass computes each group's end state
+  from zero and its delta sum, and the main pass folds those of the preceding groups into its
+  carry-in (``h = exp(A sum delta) h + S``). ``fused``: pre-pass and main pass in one launch (the
+  main programs wait on per-group flags; flags are reset by their last reader).
+* ``seq``: the previous default (one scattered 4-byte load per channel per step).
+* ``chunk``: ``tl.associative_scan`` over the time axis of a ``[BD, N, T]`` tile (slower).
+  (An n-unrolled variant scanning ``(BD, T)`` tiles per state index measured 5-8x slower still
+  on the H100 and was removed.)
 
-General linear scan (``fxopt::linear_scan``): the same chunked associative scan over a flattened
+State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs; ``exp(x)`` as ``exp2(x log2 e)``.
+
+General linear scan (``fxopt::linear_scan``): a chunked associative scan over a flattened
 ``(L, M)`` layout (broadcast inputs are materialised; readouts are contracted by torch).
 """
 from __future__ import annotations
@@ -247,129 +250,9 @@ def _ssm_seq_kernel(
             tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
 
 
-@triton.jit(do_not_specialize=["LG", "G"])
-def _ssm_nstate_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, S_ptr, ds_ptr,
-    D_, L_, LG, G,
-    s_ub, s_ud, s_ul,
-    s_tb, s_td, s_tl,
-    s_ad, s_an,
-    s_bb, s_bn, s_bl,
-    BD: tl.constexpr, NP: tl.constexpr, NN: tl.constexpr, T: tl.constexpr,
-):
-    """Group pre-pass of the n-loop kernel: end state (from zero) and delta sum of group ``g``
-    -> S[b, g, d, n], ds[b, g, d]. Closed form per chunk (no scan): the weight of step t in the
-    chunk's end state is exp(A (sum_{s>t} delta_s)), one cumulative sum shared by all n."""
-    pid_d = tl.program_id(0)
-    g = tl.program_id(1)
-    b = tl.program_id(2)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, NP)
-    offs_t = tl.arange(0, T)
-    md = offs_d < D_
-    S = tl.zeros((BD, NP), dtype=tl.float32)
-    dsum = tl.zeros((BD,), dtype=tl.float32)
-    l0 = g * LG
-    for c in range(0, LG, T):
-        tt = l0 + c + offs_t
-        mt = tt < L_
-        m2 = md[:, None] & mt[None, :]
-        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dtu = dt * u
-        tot = tl.sum(dt, axis=1)
-        rem = tot[:, None] - tl.cumsum(dt, axis=1)                   # sum of delta after step t (>= 0)
-        for n in tl.static_range(NN):
-            An = tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0).to(tl.float32) * 1.4426950408889634
-            Bn = tl.load(B_ptr + b * s_bb + n * s_bn + tt * s_bl, mask=mt, other=0.0).to(tl.float32)
-            contrib = tl.sum(tl.exp2(rem * An[:, None]) * dtu * Bn[None, :], axis=1)
-            sel = offs_n[None, :] == n
-            Sn = tl.sum(tl.where(sel, S, 0.0), axis=1)
-            Sn = tl.exp2(An * tot) * Sn + contrib
-            S = tl.where(sel, Sn[:, None], S)
-        dsum += tot
-    tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], S, mask=md[:, None])
-    tl.store(ds_ptr + (b * G + g) * D_ + offs_d, dsum, mask=md)
-
-
-@triton.jit(do_not_specialize=["LG", "G", "GM1"])
-def _ssm_nloop_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
-    D_, N_, L_, LG, G, GM1,
-    s_ub, s_ud, s_ul,
-    s_tb, s_td, s_tl,
-    s_ad, s_an,
-    s_bb, s_bn, s_bl,
-    s_cb, s_cn, s_cl,
-    s_zb, s_zd, s_zl,
-    s_yb, s_yd, s_yl,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
-    BD: tl.constexpr, NP: tl.constexpr, NN: tl.constexpr, T: tl.constexpr,
-):
-    """Chunked scan with the state index n as an unrolled loop: per chunk, (BD, T) tiles of
-    u / delta / z and (T,) rows of B_n / C_n are loaded coalesced (T contiguous), and for each n
-    the recurrence over the chunk is a ``tl.associative_scan`` along T of a 2-d (BD, T) tile;
-    the carry-in h[:, n] is applied afterwards (h_t = A_t h_in + B_t) and y accumulates
-    sum_n h_t C_t in registers; y is stored as one (BD, T) tile."""
-    pid_d = tl.program_id(0)
-    g = tl.program_id(1)
-    b = tl.program_id(2)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, NP)
-    offs_t = tl.arange(0, T)
-    md = offs_d < D_
-    mn = offs_n < N_
-    mdn = md[:, None] & mn[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), mask=mdn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BD, NP), dtype=tl.float32)
-    if GM1 > 0:
-        A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mdn, other=0.0).to(tl.float32)
-        A2 = A2 * 1.4426950408889634
-        for gp in range(0, GM1):
-            keep = gp < g
-            Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
-            dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
-            h = tl.where(keep, tl.exp2(A2 * dsg[:, None]) * h + Sg, h)
-    if HAS_D:
-        Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    is_last = (offs_t == T - 1)[None, :]
-    l0 = g * LG
-    for c in range(0, LG, T):
-        tt = l0 + c + offs_t
-        mt = tt < L_
-        m2 = md[:, None] & mt[None, :]
-        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + tt[None, :] * s_tl, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dtu = dt * u
-        if HAS_D:
-            yv = u * Dv[:, None]
-        else:
-            yv = tl.zeros((BD, T), dtype=tl.float32)
-        for n in tl.static_range(NN):
-            An = tl.load(A_ptr + offs_d * s_ad + n * s_an, mask=md, other=0.0).to(tl.float32) * 1.4426950408889634
-            Bn = tl.load(B_ptr + b * s_bb + n * s_bn + tt * s_bl, mask=mt, other=0.0).to(tl.float32)
-            Cn = tl.load(C_ptr + b * s_cb + n * s_cn + tt * s_cl, mask=mt, other=0.0).to(tl.float32)
-            a = tl.exp2(dt * An[:, None])                            # 1 where masked (dt = 0)
-            x = dtu * Bn[None, :]                                    # 0 where masked
-            aa, bb = tl.associative_scan((a, x), 1, _combine)
-            sel = offs_n[None, :] == n
-            hn = tl.sum(tl.where(sel, h, 0.0), axis=1)
-            hs = aa * hn[:, None] + bb
-            yv += hs * Cn[None, :]
-            hn = tl.sum(tl.where(is_last, hs, 0.0), axis=1)
-            h = tl.where(sel, hn[:, None], h)
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + tt[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
-            yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
-        tl.store(y_ptr + b * s_yb + offs_d[:, None] * s_yd + tt[None, :] * s_yl, yv.to(y_ptr.dtype.element_ty), mask=m2)
-    if g == G - 1:
-        tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
-
-
-@triton.jit(do_not_specialize=["LGK", "G", "GM1"])
-def _ssm_seqk_kernel(
+@triton.jit
+def _seqk_body(
+    pid_d, g, b, flag_ptr, cnt_ptr,
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
     D_, N_, L_, LGK, G, GM1,
     s_ub, s_ud, s_ul,
@@ -380,7 +263,7 @@ def _ssm_seqk_kernel(
     s_zb, s_zd, s_zl,
     s_yb, s_yd, s_yl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STATE_ONLY: tl.constexpr,
-    BD: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, PF2: tl.constexpr, FUSED: tl.constexpr,
 ):
     """One step per iteration like ``_ssm_seq_kernel``, but the inputs come in (BD, K) / (NP, K)
     tiles with the K time steps contiguous (one 16-byte load per row for K=4 fp32 instead of K
@@ -389,9 +272,7 @@ def _ssm_seqk_kernel(
     epilogue runs on the tile. STATE_ONLY: the group pre-pass (end state from zero, delta sum).
     Groups are ``LGK * K`` steps long (passed in chunks so that the compiler sees tile starts
     aligned to K: 16-byte vector loads)."""
-    pid_d = tl.program_id(0)
-    g = tl.program_id(1)
-    b = tl.program_id(2)
+    nblk = tl.num_programs(0)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, NP)
     offs_k = tl.arange(0, K)
@@ -405,11 +286,30 @@ def _ssm_seqk_kernel(
     else:
         h = tl.zeros((BD, NP), dtype=tl.float32)
     if not STATE_ONLY:
-        for gp in range(0, GM1):
-            keep = gp < g
-            Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
-            dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
-            h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+        # fold the end states of the groups before this one, 4 groups per iteration so that their
+        # (independent) loads are in flight together
+        for gp0 in range(0, GM1, 4):
+            for j in tl.static_range(4):
+                gp = gp0 + j
+                keep = gp < g
+                if FUSED:
+                    # wait for group gp's pre-pass program (launched in the same grid, lower ids)
+                    fp = flag_ptr + (b * GM1 + gp) * nblk + pid_d
+                    if keep:
+                        f = tl.atomic_add(fp, 0, sem="acquire")
+                        while f == 0:
+                            f = tl.atomic_add(fp, 0, sem="acquire")
+                Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0, cache_modifier=".cg")
+                dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0, cache_modifier=".cg")
+                h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+        if FUSED:
+            # the last reader of each flag resets it (and its reader count) for the next launch
+            for gp in range(0, GM1):
+                if gp < g:
+                    old = tl.atomic_add(cnt_ptr + (b * GM1 + gp) * nblk + pid_d, 1, sem="relaxed")
+                    if old == GM1 - 1 - gp:
+                        tl.atomic_xchg(cnt_ptr + (b * GM1 + gp) * nblk + pid_d, 0, sem="relaxed")
+                        tl.atomic_xchg(flag_ptr + (b * GM1 + gp) * nblk + pid_d, 0, sem="relaxed")
     if HAS_D:
         Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     dsum = tl.zeros((BD,), dtype=tl.float32)
@@ -431,20 +331,49 @@ def _ssm_seqk_kernel(
         C_n = B_n
     else:
         C_n = tl.load(C_base + tt[None, :] * s_cl, mask=mn[:, None] & mt, other=0.0)
+    # PF2: a second chunk in flight (prefetch distance 2 chunks)
+    tt = l0 + K + offs_k
+    mt = (tt < L_)[None, :] & (K < LG)
+    if PF2:
+        dt_m = tl.load(t_base + tt[None, :] * s_tl, mask=md[:, None] & mt, other=0.0)
+        u_m = tl.load(u_base + tt[None, :] * s_ul, mask=md[:, None] & mt, other=0.0)
+        B_m = tl.load(B_base + tt[None, :] * s_bl, mask=mn[:, None] & mt, other=0.0)
+        if STATE_ONLY:
+            C_m = B_m
+        else:
+            C_m = tl.load(C_base + tt[None, :] * s_cl, mask=mn[:, None] & mt, other=0.0)
+    else:
+        dt_m = dt_n
+        u_m = u_n
+        B_m = B_n
+        C_m = C_n
     for c in range(0, LG, K):
         tt = l0 + c + offs_k
         dtc = dt_n.to(tl.float32)
         uc = u_n.to(tl.float32)
         Bc = B_n.to(tl.float32)
         Cc = C_n.to(tl.float32)
-        # prefetch the next chunk (masked off past the group / sequence end)
-        tn = tt + K
-        mtn = (tn < L_)[None, :] & (c + K < LG)   # LG is a multiple of K
-        dt_n = tl.load(t_base + tn[None, :] * s_tl, mask=md[:, None] & mtn, other=0.0)
-        u_n = tl.load(u_base + tn[None, :] * s_ul, mask=md[:, None] & mtn, other=0.0)
-        B_n = tl.load(B_base + tn[None, :] * s_bl, mask=mn[:, None] & mtn, other=0.0)
-        if not STATE_ONLY:
-            C_n = tl.load(C_base + tn[None, :] * s_cl, mask=mn[:, None] & mtn, other=0.0)
+        # prefetch (masked off past the group / sequence end; LG is a multiple of K)
+        if PF2:
+            dt_n = dt_m
+            u_n = u_m
+            B_n = B_m
+            C_n = C_m
+            tn = tt + 2 * K
+            mtn = (tn < L_)[None, :] & (c + 2 * K < LG)
+            dt_m = tl.load(t_base + tn[None, :] * s_tl, mask=md[:, None] & mtn, other=0.0)
+            u_m = tl.load(u_base + tn[None, :] * s_ul, mask=md[:, None] & mtn, other=0.0)
+            B_m = tl.load(B_base + tn[None, :] * s_bl, mask=mn[:, None] & mtn, other=0.0)
+            if not STATE_ONLY:
+                C_m = tl.load(C_base + tn[None, :] * s_cl, mask=mn[:, None] & mtn, other=0.0)
+        else:
+            tn = tt + K
+            mtn = (tn < L_)[None, :] & (c + K < LG)
+            dt_n = tl.load(t_base + tn[None, :] * s_tl, mask=md[:, None] & mtn, other=0.0)
+            u_n = tl.load(u_base + tn[None, :] * s_ul, mask=md[:, None] & mtn, other=0.0)
+            B_n = tl.load(B_base + tn[None, :] * s_bl, mask=mn[:, None] & mtn, other=0.0)
+            if not STATE_ONLY:
+                C_n = tl.load(C_base + tn[None, :] * s_cl, mask=mn[:, None] & mtn, other=0.0)
         dtu = dtc * uc
         yt = tl.zeros((BD, K), dtype=tl.float32)
         for k in tl.static_range(K):
@@ -470,9 +399,65 @@ def _ssm_seqk_kernel(
     if STATE_ONLY:
         tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], h, mask=md[:, None])
         tl.store(ds_ptr + (b * G + g) * D_ + offs_d, dsum, mask=md)
+        if FUSED:
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_ptr + (b * GM1 + g) * nblk + pid_d, 1, sem="release")
     else:
         if g == G - 1:
             tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
+
+
+@triton.jit(do_not_specialize=["LGK", "G", "GM1"])
+def _ssm_seqk_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr, flag_ptr, cnt_ptr,
+    D_, N_, L_, LGK, G, GM1,
+    s_ub, s_ud, s_ul,
+    s_tb, s_td, s_tl,
+    s_ad, s_an,
+    s_bb, s_bn, s_bl,
+    s_cb, s_cn, s_cl,
+    s_zb, s_zd, s_zl,
+    s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STATE_ONLY: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, PF2: tl.constexpr, FUSED: tl.constexpr,
+):
+    """See ``_seqk_body``. FUSED: one launch for the pre-pass and the main pass: program rows
+    ``0 .. G-2`` of axis 1 are the pre-pass of groups 0 .. G-2, rows ``G-1 .. 2G-2`` the main
+    pass of groups 0 .. G-1; a main program waits on a flag per preceding group.
+
+    Deadlock freedom must not rest on the hardware dispatching programs in id order (CUDA
+    does not promise it). So FUSED programs take their ids from an atomic ticket: a program
+    holding ticket t knows every ticket below t was taken by a program already running, and
+    the programs it waits for (pre-pass rows, which wait on nothing) hold lower tickets. The
+    last ticket holder resets the counter for the next launch."""
+    if FUSED:
+        nx = tl.num_programs(0)
+        ny = tl.num_programs(1)
+        total = nx * ny * tl.num_programs(2)
+        ticket_ptr = cnt_ptr + tl.num_programs(2) * GM1 * nx  # one int32 past the reader counts
+        t = tl.atomic_add(ticket_ptr, 1)
+        if t == total - 1:
+            tl.atomic_xchg(ticket_ptr, 0)
+        pid_d = t % nx
+        gy = (t // nx) % ny
+        b = t // (nx * ny)
+    else:
+        pid_d = tl.program_id(0)
+        gy = tl.program_id(1)
+        b = tl.program_id(2)
+    if FUSED:
+        if gy < GM1:
+            _seqk_body(pid_d, gy, b, flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+            D_, N_, L_, LGK, G, GM1, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an, s_bb, s_bn, s_bl,
+            s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, HAS_D, HAS_Z, HAS_H0, True, BD, NP, K, PF2, True)
+        else:
+            _seqk_body(pid_d, gy - GM1, b, flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+            D_, N_, L_, LGK, G, GM1, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an, s_bb, s_bn, s_bl,
+            s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, HAS_D, HAS_Z, HAS_H0, False, BD, NP, K, PF2, True)
+    else:
+        _seqk_body(pid_d, gy, b, flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr,
+            D_, N_, L_, LGK, G, GM1, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an, s_bb, s_bn, s_bl,
+            s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, HAS_D, HAS_Z, HAS_H0, STATE_ONLY, BD, NP, K, PF2, False)
 
 
 def _next_pow2(x: int) -> int:
@@ -492,11 +477,13 @@ _CONFIG_OVERRIDE: dict = {}
 
 def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> dict:
     """Launch choice for a selective scan of this size. Measured on an H100 (benchmarks/scan.py
-    --tune, 2026-11-22): the tiled one-step-per-iteration kernel (``seqk``: (32, 4) input tiles,
-    one warp per 32 channels) beats the scattered-load ``seq`` kernel and the chunked
-    associative-scan kernels (``chunk``, ``nloop``) at every measured shape; the sequence is split
-    into G groups until there are about 12 programs per multiprocessor (G=32 at b1 d1536 L2048,
-    16 at L512, 1 at b4 d5120, where a split measured slower)."""
+    --tune / --compare, 2026-11-22): the tiled one-step-per-iteration kernel (``seqk``: (BD, 8)
+    input tiles, one warp per 16 or 32 channels) beats the scattered-load ``seq`` kernel and the
+    chunked associative-scan kernels (``chunk``; an n-unrolled variant) at every measured shape. With enough
+    (batch x channel block) programs (b4 d5120) the sequence is not split (a split measured
+    slower); otherwise it is split into groups of ~64 steps (G=32 at b1 d1536 L2048, 8 at L512)
+    with the group pre-pass in the same launch (``fused``: one launch instead of two; the host
+    time of a launch was ~50-100 us on the measuring machine, more than the GPU time at b1)."""
     if _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE)
     return dict(_choose_config(bsz, d, L, n, device_index))
@@ -505,15 +492,37 @@ def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> di
 @functools.lru_cache(maxsize=256)
 def _choose_config(bsz: int, d: int, L: int, n: int, device_index: int) -> dict:
     NP = _next_pow2(max(n, 1))
-    BD = 32 if NP <= 16 else max(4, 512 // NP)
-    BD = min(BD, max(4, _next_pow2(d)))
-    nprog = bsz * triton.cdiv(d, BD)
+    cap = max(4, _next_pow2(d))
     sms = _sm_count(device_index)
+    if NP > 16:
+        BD = min(max(4, 256 // NP), cap)
+    else:
+        BD = min(16, cap)
+    if bsz * triton.cdiv(d, BD) >= 4 * sms or L < 128:
+        # enough programs without splitting the sequence: one launch, long walks, 2 chunks in flight
+        return dict(kind="seqk", BD=BD, K=8, G=1, PF2=True, num_warps=1, num_stages=1)
+    # split L into groups of ~64 steps (at most 32 groups), pre-pass fused into the same launch
     G = 1
-    if nprog < 4 * sms:
-        while G * 2 <= min(32, max(1, L // 32)) and nprog * G * 2 <= 12 * sms:
-            G *= 2
-    return dict(kind="seqk", BD=BD, K=4, G=G, num_warps=1, num_stages=1)
+    while G * 2 <= min(32, L // 64):
+        G *= 2
+    if NP <= 16 and d >= 32 and bsz * triton.cdiv(d, 32) * G >= 6 * sms:
+        BD = 32
+    return dict(kind="seqk", BD=BD, K=8, G=G, PF2=BD == 32, fused=True, num_warps=1, num_stages=1)
+
+
+_FLAGS: dict = {}
+
+
+def _flag_buffer(device, numel: int) -> Tensor:
+    """Zeroed int32 flags for the fused launch, kept per (device, stream): every launch leaves them
+    zero again, and launches on one stream never overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device.type, device.index, stream)
+    buf = _FLAGS.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 4096), dtype=torch.int32, device=device)
+        _FLAGS[key] = buf
+    return buf
 
 
 def selective_scan_triton(
@@ -555,46 +564,31 @@ def selective_scan_triton(
         K = cfg.get("K", 4)
         LG = triton.cdiv(triton.cdiv(L, cfg["G"]), K) * K
         G = triton.cdiv(L, LG)
+        nblk = triton.cdiv(d, BD)
+        fused = bool(cfg.get("fused", False)) and G > 1
         if G > 1:
-            S = torch.empty((bsz, G, d, NP), dtype=torch.float32, device=u.device)
-            ds = torch.empty((bsz, G, d), dtype=torch.float32, device=u.device)
+            buf = torch.empty(bsz * G * d * (NP + 1), dtype=torch.float32, device=u.device)  # one allocation
+            S = buf[: bsz * G * d * NP]
+            ds = buf[bsz * G * d * NP:]
         else:
             S = ds = hl
+        flags = cnts = hl
+        if fused:
+            flags = _flag_buffer(u.device, 2 * bsz * (G - 1) * nblk + 1)  # flags, reader counts, ticket
+            cnts = flags[bsz * (G - 1) * nblk:]
         zz = z if z is not None else dummy
         zs = z.stride() if z is not None else (0, 0, 0)
-        common = dict(BD=BD, NP=NP, K=K, num_warps=cfg.get("num_warps", 1), num_stages=cfg.get("num_stages", 1))
-        if G > 1:
-            _ssm_seqk_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
-                u, delta, A, B, C, dummy, zz, dummy, y, hl, S, ds, d, n, L, LG // K, G, G - 1,
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
-                HAS_D=False, HAS_Z=False, HAS_H0=False, STATE_ONLY=True, **common)
-        _ssm_seqk_kernel[(triton.cdiv(d, BD), G, bsz)](
+        common = dict(BD=BD, NP=NP, K=K, PF2=bool(cfg.get("PF2", False)), num_warps=cfg.get("num_warps", 1),
+                      num_stages=cfg.get("num_stages", 1))
+        strides = (*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride())
+        if G > 1 and not fused:
+            _ssm_seqk_kernel[(nblk, G - 1, bsz)](
+                u, delta, A, B, C, dummy, zz, dummy, y, hl, S, ds, flags, cnts, d, n, L, LG // K, G, G - 1, *strides,
+                HAS_D=False, HAS_Z=False, HAS_H0=False, STATE_ONLY=True, FUSED=False, **common)
+        _ssm_seqk_kernel[(nblk, 2 * G - 1 if fused else G, bsz)](
             u, delta, A, B, C, D if D is not None else dummy, zz, h0 if h0 is not None else dummy, y, hl, S, ds,
-            d, n, L, LG // K, G, G - 1,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STATE_ONLY=False, **common)
-        return y, hl
-    if cfg.get("kind") == "nloop":
-        T = cfg.get("T", 128)
-        LG = triton.cdiv(triton.cdiv(L, cfg["G"]), T) * T
-        G = triton.cdiv(L, LG)
-        if G > 1:
-            S = torch.empty((bsz, G, d, NP), dtype=torch.float32, device=u.device)
-            ds = torch.empty((bsz, G, d), dtype=torch.float32, device=u.device)
-            _ssm_nstate_kernel[(triton.cdiv(d, BD), G - 1, bsz)](
-                u, delta, A, B, S, ds, d, L, LG, G,
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
-                BD=BD, NP=NP, NN=n, T=T, num_warps=cfg.get("state_warps", cfg.get("num_warps", 4)))
-        else:
-            S = ds = hl
-        zz = z if z is not None else dummy
-        zs = z.stride() if z is not None else (0, 0, 0)
-        _ssm_nloop_kernel[(triton.cdiv(d, BD), G, bsz)](
-            u, delta, A, B, C, D if D is not None else dummy, zz, h0 if h0 is not None else dummy, y, hl, S, ds,
-            d, n, L, LG, G, G - 1,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None,
-            BD=BD, NP=NP, NN=n, T=T, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+            flags, cnts, d, n, L, LG // K, G, G - 1, *strides,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STATE_ONLY=False, FUSED=fused, **common)
         return y, hl
     if seq:
         LG = triton.cdiv(L, cfg["G"])
@@ -711,24 +705,3 @@ def kernel_source() -> str:
     import inspect
 
     return inspect.getsource(inspect.getmodule(_ssm_fwd_kernel))
-
-
-def _register_sources() -> None:
-    try:
-        from .. import codegen
-    except ImportError:  # pragma: no cover
-        return
-    reg = getattr(codegen, "register_source_provider", None)
-    if reg is None:
-        return
-    from ..ops.scan import LINEAR_SCAN, SELECTIVE_SCAN
-
-    reg(SELECTIVE_SCAN, lambda node: ("fxopt_selective_scan_triton", kernel_source()))
-    reg(LINEAR_SCAN, lambda node: ("fxopt_linear_scan_triton", kernel_source()))
-
-
-if os.environ.get("FXOPT_SCAN_NO_REGISTER") != "1":
-    try:
-        _register_sources()
-    except Exception:  # pragma: no cover - never let source registration break the kernels
-        pass

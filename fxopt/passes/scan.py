@@ -35,6 +35,7 @@ import torch
 import torch.fx
 from torch.fx import Node
 
+from ..codegen import register_source_provider
 from ..graph_utils import mark_provenance, propagate_meta
 from ..ops import scan as scan_ops  # noqa: F401  (registers the custom ops)
 from ..pass_base import Pass, PassResult
@@ -1072,16 +1073,12 @@ class ScanExplanation:
 
 register_pass("scan", ScanPass)
 
-try:  # kernel source for fxopt.codegen.kernel_sources, where the provider API exists
-    from .. import codegen as _codegen
+# Kernel source for fxopt.codegen.kernel_sources (inspection, OptimizedModule.kernel_sources).
+def _scan_source(node):
+    from ..codegen import scan_triton  # imported on demand: triton is optional
 
-    if hasattr(_codegen, "register_source_provider"):
-        def _src(node):
-            from ..codegen import scan_triton
+    return ("fxopt_scan_triton", scan_triton.kernel_source())
 
-            return ("fxopt_scan_triton", scan_triton.kernel_source())
 
-        _codegen.register_source_provider(SELECTIVE_SCAN, _src)
-        _codegen.register_source_provider(LINEAR_SCAN, _src)
-except Exception:  # pragma: no cover - codegen not importable here
-    pass
+register_source_provider(SELECTIVE_SCAN, _scan_source)
+register_source_provider(LINEAR_SCAN, _scan_source)

@@ -1,0 +1,234 @@
+"""Layer-generic templates: deep models are optimized from proxies holding 1-3 layers."""
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import layer_generic as lyr
+from fxopt import length_generic as lg
+from fxopt.graph_utils import op_name
+from fxopt.inspection import graph_diff
+from fxopt.models.hf import tiny_gpt_neox, tiny_hf_mamba
+from fxopt.models.seed_mamba import seed_mamba
+
+MODELS = {
+    "neox_parallel": (lambda: tiny_gpt_neox(True, num_hidden_layers=6), "gpt_neox.layers", 6, 128),
+    "neox_serial": (lambda: tiny_gpt_neox(False, num_hidden_layers=5), "gpt_neox.layers", 5, 128),
+    "hf_mamba": (lambda: tiny_hf_mamba(num_hidden_layers=6), "backbone.layers", 6, 128),
+    "seed_mamba": (lambda: seed_mamba(n_layer=5), "layers", 5, 256),
+}
+
+
+def _out(x):
+    return x.logits if hasattr(x, "logits") else x
+
+
+def _used_layers(opt):
+    return any(n.startswith("layer-generic: graph for") for n in opt.report().notes)
+
+
+def _ops(gm):
+    """What the graph computes, in order (names, get_attrs and export's guard aside)."""
+    return [(n.op, op_name(n), len(n.args)) for n in gm.graph.nodes
+            if n.op not in ("get_attr",) and not (n.op == "call_module" and n.target == "_guards_fn")]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_find_layer_stack(name):
+    build, path, n, _ = MODELS[name]
+    assert lyr.find_layer_stack(build()) == (path, n)
+
+
+def test_shallow_models_have_no_stack():
+    assert lyr.find_layer_stack(tiny_gpt_neox(num_hidden_layers=2)) is None
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("passes", [None, []], ids=["default", "nopasses"])
+def test_short_sequences_same_graph_as_full_capture(name, passes):
+    build, path, n, vocab = MODELS[name]
+    model = build()
+    ids = torch.randint(0, vocab, (2, 6))
+    opt = fxopt.optimize(model, (ids,), passes=passes)
+    assert _used_layers(opt), opt.report().notes
+    ref = fxopt.optimize(model, (ids,), passes=passes, layer_templates=False)
+    assert not _used_layers(ref)
+    assert _ops(opt.graph_module) == _ops(ref.graph_module)
+    assert opt.report().matches == ref.report().matches
+    assert opt.report().nodes_captured == ref.report().nodes_captured
+    got = _out(opt(ids))
+    assert torch.equal(got, _out(ref(ids)))
+    if passes == []:  # the passes may round differently from eager (addcmul), never from a full capture
+        assert torch.equal(got, _out(model(ids)))
+    # block i reads layer i's parameters and is labelled as layer i
+    depth = len(path.split("."))
+    layer = lambda p: p.split(".")[depth] if p.startswith(path + ".") else None
+    seen = set()
+    for node in opt.graph_module.graph.nodes:
+        reads = {layer(str(a.target)) for a in node.all_input_nodes if a.op == "get_attr"} - {None}
+        if reads:
+            assert reads == {layer(p) for p, _ in node.meta["nn_module_stack"].values()} - {None}, node.format_node()
+        seen |= reads
+    assert seen == {str(i) for i in range(n)}
+
+
+@pytest.mark.parametrize("name,passes", [
+    ("neox_serial", []), ("hf_mamba", None), ("seed_mamba", None), ("hf_mamba", []),
+], ids=["neox_serial-nopasses", "hf_mamba-default", "seed_mamba-default", "hf_mamba-nopasses"])
+def test_long_sequences_compose_with_length_templates(name, passes):
+    build, _, n, vocab = MODELS[name]
+    model = build()
+    ids = torch.randint(0, vocab, (1, 33))
+    opt = fxopt.optimize(model, (ids,), passes=passes)
+    notes = opt.report().notes
+    assert _used_layers(opt), notes
+    if "mamba" in name and passes == []:  # unrolled scan: length template refused, layers at L=33
+        assert any("length-generic template not used" in x for x in notes), notes
+    else:  # the length template's three probes each came from layer templates
+        assert any(x.startswith("length-generic: graph instantiated") for x in notes), notes
+    if "mamba" in name and passes is None:
+        assert opt.report().matches["scan"] == n
+    # seed Mamba's scan and passes=[] are bit-exact with eager; else compare with a full capture
+    exact = passes == [] or name == "seed_mamba"
+    ref = model if exact else fxopt.optimize(model, (ids,), passes=passes, layer_templates=False)
+    assert torch.equal(_out(opt(ids)), _out(ref(ids)))
+
+
+def test_user_model_is_never_modified_and_graphs_are_inspectable():
+    model = tiny_gpt_neox(num_hidden_layers=6)
+    ids = torch.randint(0, 128, (1, 8))
+    before_out = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    containers = {name: (m, m._modules, dict(m._modules)) for name, m in model.named_modules()}
+    proxy = lyr.truncated_proxy(model, "gpt_neox.layers", [0, 5])
+    assert len(proxy.gpt_neox.layers) == 2 and proxy.gpt_neox.layers[1] is model.gpt_neox.layers[5]
+    assert proxy.gpt_neox.embed_in is model.gpt_neox.embed_in and proxy.lm_head.weight is model.lm_head.weight
+    opt = fxopt.optimize(model, (ids,))
+    assert _used_layers(opt)
+    assert len(model.gpt_neox.layers) == 6
+    assert {name for name, _ in model.named_modules()} == set(containers)
+    for name, m in model.named_modules():
+        mod, modules, content = containers[name]
+        assert m is mod and m._modules is modules and m._modules == content
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(ids).logits, before_out)
+    # the rewritten graph shares the model's parameters
+    gm = opt.graph_module
+    assert gm.get_parameter("gpt_neox.layers.5.attention.dense.weight") is model.gpt_neox.layers[5].attention.dense.weight
+    # original_graph_module: the probes' captures, fitted and instantiated at full depth
+    before = opt.original_graph_module
+    assert sum(op_name(n) == "aten.linear.default" for n in before.graph.nodes) == 4 * 6 + 1
+    assert opt.report().nodes_captured == len(before.graph.nodes) + 1  # + export's guard, not instantiated
+    assert torch.equal(before(ids, use_cache=False).logits, model(ids).logits)
+    diff = graph_diff(before, opt.graph_module)
+    assert len(diff.rewrites) == sum(opt.report().matches.values()) == 6 * 3
+
+
+# ------------------------------------------------------------------ layers that differ
+
+class _Layer(nn.Module):
+    def __init__(self, i: int, n: int, mode: str):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.idx, self.n, self.mode = i, n, mode
+        self.halve = mode == "flag" and i % 3 == 2
+
+    def forward(self, x):
+        y = x + torch.tanh(self.lin(x))
+        if self.halve:
+            y = y * 0.5
+        if self.mode == "last" and self.idx == self.n - 1:
+            y = y * 0.5
+        if self.mode == "third" and self.idx % 3 == 2:
+            y = y - 1.0
+        return y
+
+
+class _Stack(nn.Module):
+    def __init__(self, n: int = 6, mode: str = "same", collect: bool = False, odd_one: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([_Layer(i, n, mode) for i in range(n)])
+        if odd_one:
+            self.layers[3].lin = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 16)
+        self.collect = collect
+
+    def forward(self, ids):
+        x, hidden = self.emb(ids), []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        return self.head(torch.stack(hidden).sum(0) if self.collect else x)
+
+
+def _stack(**kw):
+    torch.manual_seed(0)
+    return _Stack(**kw).eval()
+
+
+def test_identical_custom_layers_use_the_template():
+    model = _stack()
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert _used_layers(opt)
+    assert torch.equal(opt(ids), model(ids))
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("flag", "layers differ in attribute layers.<i>.halve"),        # every 3rd layer, by a flag
+    ("last", "layer 1 of the 2-layer graph differs"),              # last layer, by its index
+    ("third", "layer 1 of the 2-layer graph differs"),             # every 3rd layer, by its index
+])
+def test_layers_that_behave_differently_fall_back(mode, why):
+    model = _stack(mode=mode)
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert not _used_layers(opt)
+    assert any(n.startswith("layer-generic template not used") and why in n for n in opt.report().notes), opt.report().notes
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_suffix_reading_every_layer_falls_back():
+    model = _stack(collect=True)
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert not _used_layers(opt)
+    assert any("layer-generic template not used" in n for n in opt.report().notes)
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_structurally_different_layers_are_not_a_stack():
+    model = _stack(odd_one=True)
+    assert lyr.find_layer_stack(model) is None
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert not _used_layers(opt)
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_build_layer_template_unit():
+    model = _stack(n=5)
+    ids = torch.randint(0, 16, (2, 8))
+    seen = []
+
+    def optimize_at(module, args, kwargs):
+        seen.append(len(module.layers))
+        return fxopt.capture(module, args, kwargs)
+
+    t = lyr.build_layer_template(optimize_at, model, (ids,), {}, "layers", 5)
+    assert seen == [1, 2, 3] and len(model.layers) == 5
+    assert t.carry.count(None) == len(t.carry) - 1  # one carried input: the hidden state
+    gm = t.instantiate(5, (ids,), {})
+    assert torch.equal(gm(ids), model(ids))
+    assert sum(op_name(n) == "aten.tanh.default" for n in gm.graph.nodes) == 5
+    with pytest.raises(lg.TemplateMismatch, match="layers differ in attribute"):
+        lyr.build_layer_template(optimize_at, _stack(mode="flag"), (ids,), {}, "layers", 6)
+
+
+def test_layer_templates_off():
+    model = _stack()
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[], layer_templates=False)
+    assert not _used_layers(opt) and not opt._layer_templates
