@@ -95,6 +95,14 @@ def check_layer_attributes(model: torch.nn.Module, path: str) -> None:
     """Raise :class:`TemplateMismatch` when the layers' own Python attributes (and their
     submodules') differ in anything but an integer equal to the layer index."""
     layers = list(model.get_submodule(path))
+    # HF-style per-layer settings live in the config, read at run time by layer index
+    # (e.g. config.layer_types = ["sliding_attention", ..., "full_attention"]): the
+    # layers' own attributes are then identical but their graphs are not.
+    config = getattr(model, "config", None)
+    for key, value in (vars(config).items() if config is not None and hasattr(config, "__dict__") else ()):
+        if isinstance(value, (list, tuple)) and len(value) == len(layers) and len(layers) > 1:
+            if any(type(v) is not type(value[0]) or v != value[0] for v in value):
+                raise TemplateMismatch(f"config.{key} varies per layer ({list(value)[:6]} ...): layers may differ")
     per_layer = [dict(layer.named_modules(remove_duplicate=False)) for layer in layers]
     for sub, m0 in per_layer[0].items():
         for key, v0 in _plain_attrs(m0).items():

@@ -232,3 +232,33 @@ def test_layer_templates_off():
     ids = torch.randint(0, 16, (2, 8))
     opt = fxopt.optimize(model, (ids,), passes=[], layer_templates=False)
     assert not _used_layers(opt) and not opt._layer_templates
+
+
+class _ConfiguredStack(_Stack):
+    """HF style: what a layer does is looked up in a per-layer config list by index."""
+
+    class _Cfg:
+        def __init__(self, n):
+            self.layer_types = ["plain"] * (n - 2) + ["scaled", "plain"]
+
+    def __init__(self, n: int = 6):
+        super().__init__(n)
+        self.config = self._Cfg(n)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.config.layer_types[i] == "scaled":  # layer n-2: no probed layer index
+                x = x * 0.5
+        return self.head(x)
+
+
+def test_per_layer_config_list_falls_back():
+    torch.manual_seed(0)
+    model = _ConfiguredStack().eval()
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert not _used_layers(opt)
+    assert any("config.layer_types varies per layer" in n for n in opt.report().notes), opt.report().notes
+    assert torch.equal(opt(ids), model(ids))
