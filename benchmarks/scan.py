@@ -289,19 +289,49 @@ def check_mode(args):
     return bad
 
 
+def _cuda_graph_ms(fn, ids):
+    """Time ``fn(ids)`` replayed from a CUDA graph (no Python launch cost); returns
+    (ms, output of the captured call)."""
+    from triton.testing import do_bench
+
+    static = ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+    graph.replay()
+    torch.cuda.synchronize()
+    return do_bench(graph.replay, warmup=5, rep=50), out
+
+
 def e2e_rows(args):
-    """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"])."""
+    """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"]).
+
+    Per row: eager (one timed call after a warm-up), fxopt (do_bench median of the
+    optimized module called from Python) and fxopt replayed from a CUDA graph, optimize()
+    time, and the logits' max error against an fp32 eager run of the same weights (for
+    bf16 rows: eager bf16 and fxopt bf16 both measured against it)."""
     import fxopt
     from fxopt.models.hf import mamba_130m_config
 
     import transformers
+    from triton.testing import do_bench
+
+    def _logits(out):
+        return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
 
     rows = []
     for L in args.e2e_lengths:
+        ref32 = None
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda", dtype)
-            ids = torch.randint(0, 50280, (1, L), device="cuda")
+            ids = torch.randint(0, 50280, (1, L), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
             with torch.no_grad():
                 model(ids[:, :8], use_cache=False)  # warm-up: CUDA/cuBLAS set-up stays out of the timing
                 torch.cuda.synchronize()
@@ -312,20 +342,34 @@ def e2e_rows(args):
                 t0 = time.perf_counter()
                 opt = fxopt.optimize(model, (ids,), passes=["scan"])
                 optimize_s = time.perf_counter() - t0
-                out = opt(ids)
-                logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+                logits = _logits(opt(ids))
                 torch.cuda.synchronize()
-                from triton.testing import do_bench
-
-                fx_ms = do_bench(lambda: opt(ids), warmup=2, rep=20)
-            err = (logits.float() - ref.float()).abs().max().item()
+                fx_ms = do_bench(lambda: opt(ids), warmup=5, rep=100)
+                try:
+                    graph_ms, gout = _cuda_graph_ms(opt, ids)
+                    graph_equal = bool(torch.equal(_logits(gout), logits))
+                except Exception as exc:  # noqa: BLE001 - report, do not hide the rest of the table
+                    graph_ms, graph_equal = None, f"{type(exc).__name__}: {exc}"[:200]
+            if dtype == torch.float32:
+                ref32 = ref.float()
             row = dict(L=L, dtype=str(dtype).split(".")[-1], eager_ms=eager_s * 1e3, fxopt_ms=fx_ms,
-                       speedup=eager_s * 1e3 / fx_ms, optimize_s=optimize_s, max_abs_logit_diff=err,
-                       max_abs_logit=ref.float().abs().max().item(), notes=opt.report().notes)
+                       speedup=eager_s * 1e3 / fx_ms, fxopt_graph_ms=graph_ms,
+                       speedup_graph=(eager_s * 1e3 / graph_ms) if graph_ms else None, graph_bit_equal=graph_equal,
+                       optimize_s=optimize_s, max_abs_logit=ref32.abs().max().item(),
+                       eager_err_vs_fp32=(ref.float() - ref32).abs().max().item(),
+                       fxopt_err_vs_fp32=(logits.float() - ref32).abs().max().item(),
+                       notes=opt.report().notes)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model, opt
             torch.cuda.empty_cache()
+    if rows:
+        print(f"\n{'L':>6} {'dtype':<9}{'eager ms':>10}{'fxopt ms':>10}{'x':>7}{'graph ms':>10}{'x':>7}"
+              f"{'optimize s':>11}{'eager err':>11}{'fxopt err':>11}  (errors: max |logit - fp32 eager|)")
+        for r in rows:
+            g = f"{r['fxopt_graph_ms']:>10.2f}{r['speedup_graph']:>7.0f}" if r["fxopt_graph_ms"] else f"{'-':>10}{'-':>7}"
+            print(f"{r['L']:>6} {r['dtype']:<9}{r['eager_ms']:>10.1f}{r['fxopt_ms']:>10.2f}{r['speedup']:>7.0f}{g}"
+                  f"{r['optimize_s']:>11.1f}{r['eager_err_vs_fp32']:>11.3g}{r['fxopt_err_vs_fp32']:>11.3g}")
     return rows
 
 
