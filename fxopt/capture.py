@@ -49,6 +49,19 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return cfg is not None and hasattr(cfg, "use_cache") and type(model).__module__.startswith("transformers")
 
 
+# normalize_call runs on every call of an OptimizedModule: remember per model class (and
+# instance-level forward override) whether it takes use_cache, instead of re-inspecting.
+_TAKES_USE_CACHE: dict[tuple, bool] = {}
+
+
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    key = (type(model), id(model.__dict__.get("forward")))
+    known = _TAKES_USE_CACHE.get(key)
+    if known is None:
+        known = _TAKES_USE_CACHE[key] = is_hf_model(model) and _accepts_kwarg(model, "use_cache")
+    return known
+
+
 def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
     """The (args, kwargs) that capture and every later call use.
 
@@ -67,7 +80,7 @@ def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None =
             "write fxopt.capture(model, (input_ids,)) for a single input"
         )
     kwargs = dict(kwargs or {})
-    if is_hf_model(model) and _accepts_kwarg(model, "use_cache"):
+    if _takes_use_cache(model):
         if kwargs.get("use_cache") is True:
             raise CaptureError(
                 f"{type(model).__name__} was called with use_cache=True: it would return a transformers cache "

@@ -45,7 +45,7 @@ def call_signature(args: tuple, kwargs: dict) -> tuple:
     """What a captured graph is specialised on: the pytree structure, every tensor's
     shape/dtype/device, and every non-tensor value."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (str(spec), tuple(_leaf_key(x) for x in leaves))
+    return (spec, tuple(_leaf_key(x) for x in leaves))  # TreeSpec hashes and compares by structure
 
 
 @dataclass
