@@ -31,6 +31,23 @@ Per-layer Python attributes are also compared up front (:func:`check_layer_attri
 anything but an integer equal to the layer's own index (HF's ``layer_idx``) must agree.
 A layer whose *code* branches on its index in a way no probed layer exercises would
 still be missed; that is the price of not tracing every layer.
+
+A peeled first layer: in some models layer 0 alone differs, e.g. HF Mamba with
+``residual_in_fp32`` in bfloat16 (layer 0 receives the bf16 embeddings and casts its
+residual to fp32; every later layer receives an fp32 residual). The plain template is
+tried first (the 2-layer proxy goes first: if its two layers differ, no plain template can
+fit and the 1-layer proxy is skipped). When it fails and the graphs show layer 0 alone
+differing (layer 0 of the 1- or 2-layer graph is not the 2-layer graph's layer 1, while
+every other layer of the 2- and 3-layer graphs is), layer 0 joins the prefix and the
+block of layer 1 is repeated:
+
+    prefix | layer 0 | block x (k - 1) | suffix
+
+fitted to the proxies with 2, 3 and 4 layers (``[0, n-1]``, ``[0, n//2, n-1]``,
+``[0, 1, n//2, n-1]``: the 2- and 3-layer ones are the plain form's, the 4-layer one
+probes layer 1, the first repeated layer of the real model) and verified as strictly:
+every repeated block equals the 2-layer graph's layer 1, and the predicted 3- and 4-layer
+graphs equal the captured ones. The model then needs at least 5 layers.
 """
 from __future__ import annotations
 
@@ -50,6 +67,7 @@ from .length_generic import TemplateMismatch
 
 MIN_LAYERS = 4
 DEFAULT_KS: tuple[int, ...] = (1, 2, 3)
+PEEL = 1  # leading layers a peeled template copies verbatim (layer 0)
 
 
 # ----------------------------------------------------------------- finding the stack
@@ -119,8 +137,10 @@ def check_layer_attributes(model: torch.nn.Module, path: str) -> None:
 
 
 def _probe_layers(n: int, k: int) -> list[int]:
-    """Which layers the k-layer proxy holds: first, last, middle."""
-    return {1: [0], 2: [0, n - 1], 3: [0, n // 2, n - 1]}.get(k) or list(range(k))
+    """Which layers the k-layer proxy holds: first, last, middle, and for the peeled
+    form's 4-layer proxy also layer 1 (the first layer its repeated block stands for)."""
+    sel = {1: [0], 2: [0, n - 1], 3: [0, n // 2, n - 1], 4: [0, 1, n // 2, n - 1]}.get(k)
+    return sel if sel is not None and len(set(sel)) == k else list(range(k))
 
 
 def truncated_proxy(model: torch.nn.Module, path: str, layers: int | Sequence[int]) -> torch.nn.Module:
@@ -333,65 +353,79 @@ class LayerTemplate:
     model: torch.nn.Module
     layers: _Layers
     n: int                                   # the user's model's depth
-    base: _Split                             # the 1-layer graph, cut
-    init: list[Node]                         # per input slot: its prefix node (block 0)
+    base: _Split                             # the shallowest probe's graph (peel + 1 layers), cut
+    init: list[Node]                         # per input slot: its prefix node (block `peel`)
     carry: list[int | None]                  # per slot: local index in the previous block, None = same prefix node
-    ks: tuple[int, ...] = DEFAULT_KS
+    ks: tuple[int, ...] = DEFAULT_KS         # the layer counts of the probes fitted
     probe_seconds: float = 0.0
+    peel: int = 0                            # leading layers copied verbatim from `base` (0 or PEEL)
+    peel_reason: str = ""                    # why the plain form did not fit, when peeled
 
     @property
     def path(self) -> str:
         return self.layers.path
 
     def _graph(self, n: int) -> torch.fx.Graph:
-        base, layers = self.base, self.layers
+        base, layers, p = self.base, self.layers, self.peel
+        if n <= p:
+            raise TemplateMismatch(f"a template with {p} peeled layer(s) cannot build {n} layers")
         g = torch.fx.Graph()
         g._codegen = base.gm.graph._codegen  # pytree in/out specs; never mutated
-        env: dict[Node, Node] = {}
+        env: dict[Node, Node] = {}           # prefix, peeled layers, suffix
         benv: list[dict[Node, Node]] = [{} for _ in range(n)]
-        block0 = base.blocks[0]
+        block = base.blocks[p]
         slot_of = {x: s for s, x in enumerate(self.init)}
 
         def copy(x: Node, arg: Callable[[Node], Node], i: int | None) -> Node:
-            # Layer 0, prefix and suffix keep the 1-layer graph's names, layer i's nodes
-            # are "<name>_L<i>": deterministic, so the instantiated captured and rewritten
-            # graphs name surviving nodes alike (graph_diff matches nodes by name).
-            name = x.name if not i else f"{x.name}_L{i}"
+            # The prefix, peeled layers, suffix and the first repeated layer (layer p) keep
+            # the base graph's names, layer i > p's nodes are "<name>_L<i>": deterministic,
+            # so the instantiated captured and rewritten graphs name surviving nodes alike
+            # (graph_diff matches nodes by name).
+            name = x.name if i is None or i <= p else f"{x.name}_L{i}"
             new = g.create_node(x.op, x.target, map_arg(x.args, arg), map_arg(x.kwargs, arg), name, x.type)
             copy_meta(new, x, i)
             return new
 
         def copy_meta(new: Node, old: Node, i: int | None) -> None:
+            # i: the layer a node of the repeated block is copied for; None: copied as is
             new.meta = dict(old.meta)
             new.meta.pop("val", None)
             if PROVENANCE_KEY in new.meta:
                 prov = new.meta[PROVENANCE_KEY] = dict(new.meta[PROVENANCE_KEY])
-                if i and isinstance(prov.get("from"), list):  # the replaced nodes were layer i's
+                if i is not None and i > p and isinstance(prov.get("from"), list):  # the replaced nodes were layer i's
                     prov["from"] = [f"{x}_L{i}" for x in prov["from"]]
-            if i and "nn_module_stack" in new.meta:
+            if i is not None and "nn_module_stack" in new.meta:
                 new.meta["nn_module_stack"] = layers.remap_stack(new.meta["nn_module_stack"], i)
 
+        outer = lambda y: env[y] if y in env else benv[p][y]
         # get_attrs first, as export lays them out: prefix's, then every layer's
         for a in base.prefix:
             if a.op == "get_attr":
                 env[a] = g.get_attr(str(a.target))
                 copy_meta(env[a], a, None)
-        for i in range(n):
-            for a in base.attrs[0]:
-                benv[i][a] = g.get_attr(layers.at(layers.norm(str(a.target), 0), i))
+        for j in range(p):
+            for a in base.attrs[j]:
+                env[a] = g.get_attr(str(a.target))  # proxy layer j < p is the model's layer j
+                copy_meta(env[a], a, None)
+        for i in range(p, n):
+            for a in base.attrs[p]:
+                benv[i][a] = g.get_attr(layers.at(layers.norm(str(a.target), p), i))
                 copy_meta(benv[i][a], a, i)
         for x in base.prefix:
             if x.op != "get_attr":
-                env[x] = copy(x, lambda y: env[y] if y in env else benv[0][y], None)
-        for i in range(n):
+                env[x] = copy(x, outer, None)
+        for j in range(p):
+            for x in base.blocks[j]:
+                env[x] = copy(x, outer, None)
+        for i in range(p, n):
             def inner(y: Node, i=i) -> Node:
                 if y in benv[i]:
                     return benv[i][y]
                 s = slot_of[y]
-                if i == 0 or self.carry[s] is None:
+                if i == p or self.carry[s] is None:
                     return env[y]
-                return benv[i - 1][block0[self.carry[s]]]
-            for x in block0:
+                return benv[i - 1][block[self.carry[s]]]
+            for x in block:
                 benv[i][x] = copy(x, inner, i)
         for x in base.suffix:
             env[x] = copy(x, lambda y: env[y] if y in env else benv[n - 1][y], None)
@@ -456,65 +490,138 @@ def build_layer_template(
     """Optimize proxies of ``model`` with ``ks`` layers of the stack at ``path``
     (``optimize_at(module, args, kwargs)`` returns the rewritten graph), cut the graphs
     into prefix / blocks / suffix and fit the template; :class:`TemplateMismatch` if
-    the layers are not interchangeable."""
+    the layers are not interchangeable.
+
+    The 2-layer proxy goes first: should its two layers differ, the plain template
+    cannot fit and the 1-layer proxy is not captured. When layer 0 alone differs (see
+    :func:`_peel_plausible`), the peeled form is fitted to the proxies with one layer
+    more each (``ks`` + 1: 2, 3, 4 layers, or 2, 3 for ``ks = (1, 2)``). The template's
+    ``ks`` are the layer counts it was fitted to."""
     ks = tuple(ks)
     if ks[:2] != (1, 2) or any(k >= n for k in ks):
         raise TemplateMismatch(f"layer probes {ks} need (1, 2, ...) layers, fewer than the model's {n}")
     check_layer_attributes(model, path)
     t0 = time.perf_counter()
-    graphs = [optimize_at(truncated_proxy(model, path, _probe_layers(n, k)), args, kwargs) for k in ks]
-    template = fit_layer_template(model, path, n, graphs, ks)
+    graphs: dict[int, torch.fx.GraphModule] = {}
+
+    def graph(k: int) -> torch.fx.GraphModule:
+        if k not in graphs:
+            graphs[k] = optimize_at(truncated_proxy(model, path, _probe_layers(n, k)), args, kwargs)
+        return graphs[k]
+
+    reason = _layers_differ(graph(2), path)
+    if reason is None:
+        try:
+            template = fit_layer_template(model, path, n, [graph(k) for k in ks], ks)
+        except TemplateMismatch as exc:
+            if not _peel_plausible(graphs, path):
+                raise
+            reason = str(exc)
+    elif not _peel_plausible({**graphs, 3: graph(3)}, path):
+        raise TemplateMismatch(reason)
+    if reason is not None:  # layer 0 alone differs: peel it
+        pks = tuple(k + PEEL for k in ks)
+        if pks[-1] >= n:
+            raise TemplateMismatch(f"{reason}; peeling the first layer needs more than {pks[-1]} layers")
+        try:
+            template = fit_layer_template(model, path, n, [graph(k) for k in pks], pks, peel=PEEL)
+        except TemplateMismatch as exc:
+            raise TemplateMismatch(f"{reason}; with the first layer peeled: {exc}") from exc
+        template.peel_reason = reason
     template.probe_seconds = time.perf_counter() - t0
     return template
 
 
+def _layers_differ(gm: torch.fx.GraphModule, path: str) -> str | None:
+    """Why the 2-layer graph's two layers are not the same block (then no plain template
+    fits), or None (also when the graph cannot be cut: the fit will say why)."""
+    layers = _Layers(path)
+    try:
+        sp = _split(gm, layers, 2)
+    except TemplateMismatch:
+        return None
+    a0, f0, _ = _block_form(sp, 0, layers)
+    a1, f1, _ = _block_form(sp, 1, layers)
+    if a1 != a0:
+        return f"layer 1 of the 2-layer graph reads parameters {sorted(set(a1) ^ set(a0))[:4]} unlike its layer 0"
+    if f1 != f0:
+        return f"layer 1 of the 2-layer graph differs from its layer 0 at {_first_diff(f0, f1, sp.blocks[1])}"
+    return None
+
+
+def _peel_plausible(graphs: dict[int, torch.fx.GraphModule], path: str) -> bool:
+    """Do the probe graphs at hand show layer 0 alone differing? Every layer but layer 0
+    of the 2- (and 3-) layer graphs is the 2-layer graph's layer 1's twin, and layer 0 of
+    the 1- or 2-layer graph is not. A look at graphs already captured, before the peeled
+    form's deeper probes."""
+    layers = _Layers(path)
+    try:
+        sp = {k: _split(graphs[k], layers, k) for k in (1, 2, 3) if k in graphs}
+        if 2 not in sp:
+            return False
+        rep = _block_form(sp[2], 1, layers)[:2]
+        if all(_block_form(sp[k], 0, layers)[:2] == rep for k in (1, 2) if k in sp):
+            return False  # layer 0 is like the others: the plain template failed for another reason
+        return all(_block_form(s, j, layers)[:2] == rep for k, s in sp.items() for j in range(1, k))
+    except TemplateMismatch:
+        return False
+
+
 def fit_layer_template(model: torch.nn.Module, path: str, n: int,
-                       graphs: Sequence[torch.fx.GraphModule], ks: Sequence[int] = DEFAULT_KS) -> LayerTemplate:
+                       graphs: Sequence[torch.fx.GraphModule], ks: Sequence[int] = DEFAULT_KS,
+                       peel: int = 0) -> LayerTemplate:
     """The template of ``graphs``, the graphs of the proxies with ``ks`` layers (see
     :func:`build_layer_template`); also fits the proxies' graphs as captured, before
-    any pass."""
+    any pass. ``peel``: the first ``peel`` layers are copied as they are (their graphs
+    being then ``ks = (peel + 1, peel + 2, ...)`` layers deep) and the block of layer
+    ``peel`` is repeated."""
     ks = tuple(ks)
+    if len(ks) < 2 or ks[0] != peel + 1 or any(b != a + 1 for a, b in zip(ks, ks[1:])):
+        raise TemplateMismatch(f"layer probes {ks} do not fit a template with {peel} peeled layer(s)")
     layers = _Layers(path)
     splits = []
     for gm, k in zip(graphs, ks):
         splits.append(_split(gm, layers, k))
         _check_shared(splits[-1], model, layers, _probe_layers(n, k))
 
-    a0, f0, s0 = _block_form(splits[0], 0, layers)
+    # every repeated block is the base graph's (block `peel` of the first graph)
+    a0, f0, s0 = _block_form(splits[0], peel, layers)
+    ref = "the 1-layer graph's layer" if not peel else f"layer {peel} of the {ks[0]}-layer graph"
     for sp, k in zip(splits, ks):
-        for j in range(k):
+        for j in range(peel, k):
             a, f, s = _block_form(sp, j, layers)
             if a != a0:
                 raise TemplateMismatch(
-                    f"layer {j} of the {k}-layer graph reads parameters {sorted(set(a) ^ set(a0))[:4]} unlike layer 0")
+                    f"layer {j} of the {k}-layer graph reads parameters {sorted(set(a) ^ set(a0))[:4]} unlike {ref}")
             if f != f0:
                 raise TemplateMismatch(
-                    f"layer {j} of the {k}-layer graph differs from the 1-layer graph's layer at "
-                    f"{_first_diff(f0, f, sp.blocks[j])}")
+                    f"layer {j} of the {k}-layer graph differs from {ref} at {_first_diff(f0, f, sp.blocks[j])}")
             if len(s) != len(s0):
-                raise TemplateMismatch(f"layer {j} of the {k}-layer graph has {len(s)} inputs, layer 0 has {len(s0)}")
+                raise TemplateMismatch(f"layer {j} of the {k}-layer graph has {len(s)} inputs, {ref} has {len(s0)}")
     for x in s0:
-        if splits[0].seg[x] != -1:
+        if splits[0].seg[x] >= peel:
             raise TemplateMismatch(f"the layer reads {x.name}, which is not computed before the layers")
 
-    # wiring, from the 2-layer graph: each input of layer 1 is the prefix node layer 0
-    # reads in that slot (shared by all layers) or a node of layer 0 (carried)
+    # wiring, from the second graph: each input of layer peel + 1 is the node layer peel
+    # reads in that slot (the prefix's or a peeled layer's, shared by all layers) or a
+    # node of layer peel (carried)
     sp2 = splits[1]
-    _, _, first = _block_form(sp2, 0, layers)
-    _, _, second = _block_form(sp2, 1, layers)
-    local0 = {x: i for i, x in enumerate(sp2.blocks[0])}
+    _, _, first = _block_form(sp2, peel, layers)
+    _, _, second = _block_form(sp2, peel + 1, layers)
+    local0 = {x: i for i, x in enumerate(sp2.blocks[peel])}
     carry: list[int | None] = []
     for s, (x0, x1) in enumerate(zip(first, second)):
-        if sp2.seg[x0] != -1:
-            raise TemplateMismatch(f"layer 0 reads {x0.name}, which is not computed before the layers")
+        if sp2.seg[x0] >= peel:
+            raise TemplateMismatch(f"layer {peel} reads {x0.name}, which is not computed before the layers")
         if x1 is x0:
             carry.append(None)
         elif x1 in local0:
             carry.append(local0[x1])
         else:
             raise TemplateMismatch(
-                f"layer 1's input {s} is {x1.name}, neither layer 0's input {x0.name} nor a node of layer 0")
-    template = LayerTemplate(model, layers, n, splits[0], s0, carry, ks)
+                f"layer {peel + 1}'s input {s} is {x1.name}, neither layer {peel}'s input {x0.name} "
+                f"nor a node of layer {peel}")
+    template = LayerTemplate(model, layers, n, splits[0], s0, carry, ks, peel=peel)
     for sp, k in zip(splits[1:], ks[1:]):
         template.check(sp, k)
     return template
@@ -523,13 +630,15 @@ def fit_layer_template(model: torch.nn.Module, path: str, n: int,
 # ----------------------------------------------------------------- reports
 
 def extrapolate(values: Sequence[float], ks: Sequence[int], n: int, what: str):
-    """``v(n)`` from ``v(1), v(2)`` (affine in the depth), checked against ``v(3)``."""
-    v1, v2 = values[0], values[1]
+    """``v(n)`` from the values at the first two (consecutive) depths ``ks`` (affine in
+    the depth: ``v(1), v(2)``, or ``v(2), v(3)`` with a peeled first layer), checked
+    against the others."""
+    k1, v1, v2 = ks[0], values[0], values[1]
     step = v2 - v1
     for v, k in zip(values[2:], ks[2:]):
-        if v != v1 + (k - 1) * step:
+        if v != v1 + (k - k1) * step:
             raise TemplateMismatch(f"{what} is {list(values)} with {list(ks)} layers: not affine in the depth")
-    return v1 + (n - 1) * step
+    return v1 + (n - k1) * step
 
 
 def scale_report(reports: Sequence, ks: Sequence[int], n: int):

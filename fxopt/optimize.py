@@ -152,19 +152,23 @@ class OptimizedModule(torch.nn.Module):
 
     def _from_layer_template(self, args: tuple, kwargs: dict, ks: tuple[int, ...]) -> Specialization | None:
         """Deep models: the rewritten graph instantiated from a layer-generic template
-        (see layer_generic.py). None when not applicable or the template does not fit."""
+        (see layer_generic.py). None when not applicable or the template does not fit.
+        ``ks``: the plain template's probe depths; a template with its first layer peeled
+        is fitted to proxies one layer deeper each."""
         path, n = self._layer_stack
         key = call_signature(args, kwargs)
         if key not in self._layer_templates:
-            probes: list[Specialization] = []
+            probes: dict[int, Specialization] = {}  # by the proxy's depth
 
             def optimize_at(module, a, k):
-                probes.append(self._rewrite(module, a, k))
-                return probes[-1].optimized
+                spec = probes[len(module.get_submodule(path))] = self._rewrite(module, a, k)
+                return spec.optimized
 
             try:
                 template = lyr.build_layer_template(optimize_at, self._model, args, kwargs, path, n, ks)
-                entry = (template, lyr.scale_report([p.report for p in probes], ks, n), [p.original for p in probes])
+                used = [probes[k] for k in template.ks]
+                entry = (template, lyr.scale_report([p.report for p in used], template.ks, n),
+                         [p.original for p in used])
             except lg.TemplateMismatch as exc:
                 entry, self._layer_failure = None, str(exc)
             self._layer_templates[key] = entry
@@ -179,18 +183,21 @@ class OptimizedModule(torch.nn.Module):
             return None
         report = copy.copy(base_report)
         report.nodes_final = len(gm.graph.nodes)
+        peeled = (f"; first layer peeled (layer 0 as captured, layers 1-{n - 1} repeat one block; "
+                  f"layer 0 differs: {_clip(template.peel_reason)})" if template.peel else "")
         report.notes = [
-            f"layer-generic: graph for the {n} layers of {path} instantiated from captures with {list(ks)} "
-            f"of them; probes took {template.probe_seconds:.2f} s, instantiation "
+            f"layer-generic: graph for the {n} layers of {path} instantiated from captures with "
+            f"{list(template.ks)} of them{peeled}; probes took {template.probe_seconds:.2f} s, instantiation "
             f"{time.perf_counter() - t0:.2f} s; matches and node counts are extrapolated to {n} layers, "
             "times are the probes'"]
 
         def original() -> torch.fx.GraphModule:
             # The graph as captured, at full depth: the same template fitted to the probes'
             # captures, built only when asked for (inspection). If the captures do not fit
-            # (a pass made the layers alike), the 1-layer proxy's capture stands in.
+            # (a pass made the layers alike), the shallowest proxy's capture stands in.
             try:
-                return lyr.fit_layer_template(self._model, path, n, captured, ks).instantiate(n, args, kwargs)
+                return lyr.fit_layer_template(self._model, path, n, captured, template.ks,
+                                              peel=template.peel).instantiate(n, args, kwargs)
             except lg.TemplateMismatch:
                 return captured[0]
 
@@ -271,6 +278,10 @@ class OptimizedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={type(self._model).__name__}, specializations={len(self._cache)}"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _infer_seq_dim(args: tuple) -> int | None:

@@ -16,7 +16,12 @@ MODELS = {
     "neox_serial": (lambda: tiny_gpt_neox(False, num_hidden_layers=5), "gpt_neox.layers", 5, 128),
     "hf_mamba": (lambda: tiny_hf_mamba(num_hidden_layers=6), "backbone.layers", 6, 128),
     "seed_mamba": (lambda: seed_mamba(n_layer=5), "layers", 5, 256),
+    # residual_in_fp32 in bf16: layer 0 casts the bf16 embeddings to an fp32 residual, the
+    # others receive one. Layer 0 differs from the others: the template peels it.
+    "hf_mamba_bf16": (lambda: tiny_hf_mamba(num_hidden_layers=6, residual_in_fp32=True).to(torch.bfloat16),
+                      "backbone.layers", 6, 128),
 }
+PEELED = {"hf_mamba_bf16"}
 
 
 def _out(x):
@@ -25,6 +30,10 @@ def _out(x):
 
 def _used_layers(opt):
     return any(n.startswith("layer-generic: graph for") for n in opt.report().notes)
+
+
+def _peeled(opt):
+    return any(n.startswith("layer-generic: graph for") and "first layer peeled" in n for n in opt.report().notes)
 
 
 def _ops(gm):
@@ -51,6 +60,7 @@ def test_short_sequences_same_graph_as_full_capture(name, passes):
     ids = torch.randint(0, vocab, (2, 6))
     opt = fxopt.optimize(model, (ids,), passes=passes)
     assert _used_layers(opt), opt.report().notes
+    assert _peeled(opt) == (name in PEELED), opt.report().notes
     ref = fxopt.optimize(model, (ids,), passes=passes, layer_templates=False)
     assert not _used_layers(ref)
     assert _ops(opt.graph_module) == _ops(ref.graph_module)
@@ -82,6 +92,7 @@ def test_long_sequences_compose_with_length_templates(name, passes):
     opt = fxopt.optimize(model, (ids,), passes=passes)
     notes = opt.report().notes
     assert _used_layers(opt), notes
+    assert _peeled(opt) == (name in PEELED), notes
     if "mamba" in name and passes == []:  # unrolled scan: length template refused, layers at L=33
         assert any("length-generic template not used" in x for x in notes), notes
     else:  # the length template's three probes each came from layer templates
@@ -142,6 +153,12 @@ class _Layer(nn.Module):
             y = y * 0.5
         if self.mode == "third" and self.idx % 3 == 2:
             y = y - 1.0
+        if self.mode in ("first", "first_last", "first_two") and self.idx == 0:
+            y = y * 2.0
+        if self.mode == "first_last" and self.idx == self.n - 1:
+            y = y * 0.5
+        if self.mode == "first_two" and self.idx == 1:
+            y = y * 0.5
         return y
 
 
@@ -218,8 +235,9 @@ def test_build_layer_template_unit():
         return fxopt.capture(module, args, kwargs)
 
     t = lyr.build_layer_template(optimize_at, model, (ids,), {}, "layers", 5)
-    assert seen == [1, 2, 3] and len(model.layers) == 5
+    assert seen == [2, 1, 3] and len(model.layers) == 5  # the 2-layer proxy first: do its layers differ?
     assert t.carry.count(None) == len(t.carry) - 1  # one carried input: the hidden state
+    assert t.ks == (1, 2, 3) and t.peel == 0
     gm = t.instantiate(5, (ids,), {})
     assert torch.equal(gm(ids), model(ids))
     assert sum(op_name(n) == "aten.tanh.default" for n in gm.graph.nodes) == 5
@@ -261,4 +279,64 @@ def test_per_layer_config_list_falls_back():
     opt = fxopt.optimize(model, (ids,), passes=[])
     assert not _used_layers(opt)
     assert any("config.layer_types varies per layer" in n for n in opt.report().notes), opt.report().notes
+    assert torch.equal(opt(ids), model(ids))
+
+
+# ------------------------------------------------------------------ a peeled first layer
+
+def test_only_first_layer_differs_peels_it():
+    model = _stack(mode="first")  # only layer 0 doubles its output
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert _peeled(opt), opt.report().notes
+    assert "captures with [2, 3, 4] of them" in opt.report().notes[0]
+    assert torch.equal(opt(ids), model(ids))
+    assert opt.report().nodes_captured == fxopt.optimize(model, (ids,), passes=[], layer_templates=False).report().nodes_captured
+    gm = opt.graph_module
+    assert sum(op_name(n) == "aten.tanh.default" for n in gm.graph.nodes) == 6
+    assert gm.get_parameter("layers.4.lin.weight") is model.layers[4].lin.weight
+    before = opt.original_graph_module  # the captures' peeled template at full depth
+    assert _ops(before) == _ops(gm) and torch.equal(before(ids), model(ids))
+    # the builder: the 2-layer proxy's layers differ, so no 1-layer proxy; 2, 3 and 4 layers
+    seen = []
+
+    def optimize_at(module, args, kwargs):
+        seen.append([module.layers[j].idx for j in range(len(module.layers))])
+        return fxopt.capture(module, args, kwargs)
+
+    t = lyr.build_layer_template(optimize_at, model, (ids,), {}, "layers", 6)
+    assert seen == [[0, 5], [0, 3, 5], [0, 1, 3, 5]]
+    assert t.peel == 1 and t.ks == (2, 3, 4) and "layer 1 of the 2-layer graph differs from its layer 0" in t.peel_reason
+    assert torch.equal(t.instantiate(6, (ids,), {})(ids), model(ids))
+    seen.clear()
+    t = lyr.build_layer_template(optimize_at, model, (ids,), {}, "layers", 6, ks=(1, 2))  # later length probes
+    assert t.peel == 1 and t.ks == (2, 3) and len(seen) == 2
+    assert torch.equal(t.instantiate(6, (ids,), {})(ids), model(ids))
+    with pytest.raises(lg.TemplateMismatch, match="peeling the first layer needs more than 4 layers"):
+        lyr.build_layer_template(optimize_at, _stack(n=4, mode="first"), (ids,), {}, "layers", 4)
+
+
+@pytest.mark.parametrize("mode,why", [
+    # layer n-1 differs too: the 3-layer graph shows layers 3 and 5 differ; no 4-layer probe
+    ("first_last", "layer 1 of the 2-layer graph differs from its layer 0"),
+    # layer 1 differs too: only the 4-layer probe [0, 1, 3, 5] shows it
+    ("first_two", "with the first layer peeled: layer 1 of the 4-layer graph differs from layer 1 of the 2-layer graph"),
+])
+def test_first_and_another_layer_differ_falls_back(mode, why):
+    model = _stack(mode=mode)
+    ids = torch.randint(0, 16, (2, 8))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert not _used_layers(opt)
+    assert any(n.startswith("layer-generic template not used") and why in n for n in opt.report().notes), opt.report().notes
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_peeled_layers_compose_with_length_templates():
+    # (bf16 HF Mamba composes too, but costs ~10 s here): the first length probe peels with
+    # 2, 3, 4 layers, the later ones with 2 and 3
+    model = _stack(mode="first")
+    ids = torch.randint(0, 16, (2, 40))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    notes = opt.report().notes
+    assert _peeled(opt) and any(x.startswith("length-generic: graph instantiated at L=40") for x in notes), notes
     assert torch.equal(opt(ids), model(ids))
