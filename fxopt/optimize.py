@@ -259,7 +259,7 @@ class OptimizedModule(torch.nn.Module):
         the full model is never captured: this is the layer template fitted to the
         proxies' captures (before passes), instantiated at full depth on first access;
         node names match graph_module's. Should those captures not fit a template, it is
-        the capture of the 1-layer proxy (the model with only its stack's first layer)."""
+        the capture of the shallowest proxy (1 layer; 2 when the first layer is peeled)."""
         return self._last.original_graph_module()
 
     @property
