@@ -60,10 +60,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch.fx.node import Node, map_arg
-from torch.utils import _pytree as pytree
 
-from .graph_utils import PROVENANCE_KEY, propagate_meta
-from .length_generic import TemplateMismatch
+from .graph_utils import PROVENANCE_KEY
+from .length_generic import TemplateMismatch, repropagate
 
 MIN_LAYERS = 4
 DEFAULT_KS: tuple[int, ...] = (1, 2, 3)
@@ -451,20 +450,7 @@ class LayerTemplate:
         graph = self._safe_graph(n)
         gm = torch.fx.GraphModule(self._root(graph), graph)
         gm.meta.update(self.base.gm.meta)
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        # A fresh static-shape mode, as in LengthTemplate.instantiate.
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        leaves = pytree.tree_leaves((args, kwargs))
-        placeholders = [x for x in gm.graph.nodes if x.op == "placeholder"]
-        if len(placeholders) != len(leaves):
-            raise TemplateMismatch(f"template has {len(placeholders)} inputs, call has {len(leaves)}")
-        for ph, leaf in zip(placeholders, leaves):
-            ph.meta["val"] = mode.from_tensor(leaf) if isinstance(leaf, torch.Tensor) else leaf
-        try:
-            propagate_meta(gm, [x for x in gm.graph.nodes if x.op in ("get_attr", "call_function")], mode)
-        except Exception as exc:  # noqa: BLE001
-            raise TemplateMismatch(f"instantiating the layer template with {n} layers failed shape propagation: {exc}") from exc
+        repropagate(gm, args, kwargs, f"the layer template with {n} layers")
         gm.recompile()
         return gm
 

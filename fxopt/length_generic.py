@@ -133,6 +133,28 @@ def _first_difference(a: Skeleton, b: Skeleton, gm: torch.fx.GraphModule) -> str
 
 # ----------------------------------------------------------------- the template
 
+def repropagate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, what: str) -> None:
+    """Recompute every node's ``meta["val"]`` of an instantiated template for the real
+    inputs, re-checking every shape; :class:`TemplateMismatch` if an op rejects them.
+
+    Uses a fresh static-shape FakeTensorMode: export's own mode carries a symbolic
+    ShapeEnv whose guard machinery makes every op ~100x slower, and all shapes here are
+    concrete."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    leaves = pytree.tree_leaves((args, kwargs))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(leaves):
+        raise TemplateMismatch(f"{what} has {len(placeholders)} inputs, the call has {len(leaves)}")
+    for ph, leaf in zip(placeholders, leaves):
+        ph.meta["val"] = mode.from_tensor(leaf) if isinstance(leaf, torch.Tensor) else leaf
+    try:
+        propagate_meta(gm, [n for n in gm.graph.nodes if n.op in ("get_attr", "call_function")], mode)
+    except Exception as exc:  # noqa: BLE001
+        raise TemplateMismatch(f"instantiating {what} failed shape propagation: {exc}") from exc
+
+
 @dataclass
 class LengthTemplate:
     """A rewritten graph whose integer literals are ``a*L + b``."""
@@ -157,21 +179,7 @@ class LengthTemplate:
             n.kwargs = _rebuild(n.kwargs, values)
         # Fresh metadata for the new length: this re-runs every op's shape logic on
         # fake tensors, so a template that does not really fit fails here, loudly.
-        # A fresh static-shape mode: export's own mode carries a symbolic ShapeEnv whose
-        # guard machinery makes every op ~100x slower, and all shapes here are concrete.
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        leaves = pytree.tree_leaves((args, kwargs))
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(leaves):
-            raise TemplateMismatch(f"template has {len(placeholders)} inputs, call has {len(leaves)}")
-        for ph, leaf in zip(placeholders, leaves):
-            ph.meta["val"] = mode.from_tensor(leaf) if isinstance(leaf, torch.Tensor) else leaf
-        try:
-            propagate_meta(gm, [n for n in gm.graph.nodes if n.op in ("get_attr", "call_function")], mode)
-        except Exception as exc:  # noqa: BLE001
-            raise TemplateMismatch(f"instantiating the template at L={length} failed shape propagation: {exc}") from exc
+        repropagate(gm, args, kwargs, f"the template at L={length}")
         gm.recompile()
         return gm
 

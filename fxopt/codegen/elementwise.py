@@ -441,12 +441,12 @@ def emit_cuda(tree: Tree) -> tuple[str, str]:
     w("    idx[0] = rem;")
     for i in range(nin):
         w(f"    long long a{i} = 0;")
-        w(f"    #pragma unroll")
+        w("    #pragma unroll")
         w(f"    for (int d = 0; d < D; ++d) a{i} += idx[d] * p.in_st[{i}][d];")
         w(f"    T x{i} = ((const T*)p.in[{i}])[a{i}];")
     for j in range(nout):
         w(f"    long long b{j} = 0;")
-        w(f"    #pragma unroll")
+        w("    #pragma unroll")
         w(f"    for (int d = 0; d < D; ++d) b{j} += idx[d] * p.out_st[{j}][d];")
         w(f"    T r{j};")
     w(f"    eval_tree<T>({', '.join(f'x{i}' for i in range(nin))}, {', '.join(f'&r{j}' for j in range(nout))});")

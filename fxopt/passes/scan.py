@@ -215,7 +215,6 @@ def _find_chains(g: _Graph, rejections: list) -> list:
             if ch.steps[-1] is not hp:
                 ch.broken = ch.broken or f"the state {hp.name} feeds two different next steps"
                 continue
-            t_prev = len(ch.steps) - 1
             prev_ai = _slice_info(ch.a_sl[-1])
             if ai[0] is not ch.a_base or ai[1] != ch.a_axis:
                 ch.broken = ch.broken or f"step {node.name}: a_t comes from {ai[0].name}, not {ch.a_base.name}"
@@ -227,7 +226,6 @@ def _find_chains(g: _Graph, rejections: list) -> list:
                 ch.broken = ch.broken or (f"step {node.name}: slice index a={ai[2]}, b={bi[2]} after {prev_ai[2]} "
                                           "(steps must be consecutive and in order)")
                 continue
-            del t_prev
         else:
             ch = _Chain(h0=hp, a_base=ai[0], b_base=bi[0], a_axis=ai[1], b_axis=bi[1])
             chains.append(ch)
@@ -278,8 +276,6 @@ class _Readout:
 def _analyse_readout(ch: _Chain, g: _Graph) -> _Readout:
     steps = ch.steps
     L = len(steps)
-    stepset = set(steps)
-    mulset = {m for m in ch.muls if m is not None}
     # users of each state other than the next step
     def nxt_user(i):
         if i + 1 >= L:
@@ -675,7 +671,6 @@ class ScanPass(Pass):
         # state of the same chain.
         h_last = ch.steps[-1]
         S = list(shape_of(h_last))
-        r = len(S)
         state_dtype = dtype_of(h_last)
         for i, st in enumerate(ch.steps):
             if list(shape_of(st)) != S or dtype_of(st) != state_dtype:

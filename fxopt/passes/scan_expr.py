@@ -308,14 +308,11 @@ def track(node, stop: dict, ctx: Optional[_Ctx] = None, depth: int = 0, follow_c
             y2 = _rename(Expr(y.factors, yo, sizes), {ky: kx})
             yo2 = y2.out
             bx, by = xo[:-2], yo2[:-2]
-            bx_e = Expr([], bx, sizes)
-            by_e = Expr([], by, sizes)
             # broadcast the batch dims (a mul of two empty-factor exprs)
             xb = Expr(list(x.factors), bx, sizes)
             yb = Expr(list(y2.factors), by, sizes)
             m = _broadcast_mul(xb, yb, ctx)
             out = list(m.out) + ([] if x_vec else [xo[-2]]) + ([] if y_vec else [yo2[-1]])
-            del bx_e, by_e
             return Expr(m.factors, out, m.size)
     except NotTracked:
         raise
