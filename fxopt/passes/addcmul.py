@@ -185,43 +185,25 @@ def _sub_c_mul(node: Node):
     return Rewrite(aten.addcmul.default, (c, *ab), {"value": -alpha}, [m, node])
 
 
-def _add_c_scaled(node: Node):
-    """add(c, mul(a, s)) -> add(c, a, alpha=s)   (scalar factor: one rounding fewer)."""
-    if not _is(node, aten.add.Tensor) or _alpha(node) != 1:
-        return None
-    c, m = node.args
-    if not (_tensor_node(c) and _sole_product(node, m)):
-        return None
-    a_s = _scalar_product(m)
-    if a_s is None or not _same_float(node, c, m, a_s[0]):
-        return None
-    return Rewrite(aten.add.Tensor, (c, a_s[0]), {"alpha": a_s[1]}, [m, node])
+def _scaled(op, product_first: bool, sign: int):
+    """Matcher for ``op(c, mul(a, s))`` (or ``op(mul(a, s), c)`` when ``product_first``)
+    -> ``add(c, a, alpha=sign*s)``: a scalar factor needs one rounding fewer, IEEE add is
+    commutative and negation is exact."""
 
+    def match(node: Node):
+        if not _is(node, op) or _alpha(node) != 1:
+            return None
+        m, c = node.args if product_first else node.args[::-1]
+        if not (_tensor_node(c) and _sole_product(node, m)):
+            return None
+        a_s = _scalar_product(m)
+        if a_s is None or not _same_float(node, c, m, a_s[0]):
+            return None
+        return Rewrite(aten.add.Tensor, (c, a_s[0]), {"alpha": sign * a_s[1]}, [m, node])
 
-def _add_scaled_c(node: Node):
-    """add(mul(a, s), c) -> add(c, a, alpha=s)   (IEEE add is commutative)."""
-    if not _is(node, aten.add.Tensor) or _alpha(node) != 1:
-        return None
-    m, c = node.args
-    if not (_tensor_node(c) and _sole_product(node, m)):
-        return None
-    a_s = _scalar_product(m)
-    if a_s is None or not _same_float(node, c, m, a_s[0]):
-        return None
-    return Rewrite(aten.add.Tensor, (c, a_s[0]), {"alpha": a_s[1]}, [m, node])
-
-
-def _sub_c_scaled(node: Node):
-    """sub(c, mul(a, s)) -> add(c, a, alpha=-s)   (negation is exact)."""
-    if not _is(node, aten.sub.Tensor) or _alpha(node) != 1:
-        return None
-    c, m = node.args
-    if not (_tensor_node(c) and _sole_product(node, m)):
-        return None
-    a_s = _scalar_product(m)
-    if a_s is None or not _same_float(node, c, m, a_s[0]):
-        return None
-    return Rewrite(aten.add.Tensor, (c, a_s[0]), {"alpha": -a_s[1]}, [m, node])
+    operands = "mul(a, s), c" if product_first else "c, mul(a, s)"
+    match.__doc__ = f"{op._schema.name.split('::')[-1]}({operands}) -> add(c, a, alpha={'-' if sign < 0 else ''}s)"
+    return match
 
 
 # Order matters only when both add operands are products (e.g. rotary q*cos + rot(q)*sin):
@@ -230,9 +212,9 @@ ADDCMUL_RULES: list[Spelling] = [
     Spelling("add(c,mul(a,b))", "c + s*(a*b) == addcmul(c, a, b, value=s)", _add_c_mul),
     Spelling("add(mul(a,b),c)", "(a*b) + c == addcmul(c, a, b)", _add_mul_c),
     Spelling("sub(c,mul(a,b))", "c - s*(a*b) == addcmul(c, a, b, value=-s)", _sub_c_mul),
-    Spelling("add(c,mul(a,s))", "c + a*s == add(c, a, alpha=s)", _add_c_scaled),
-    Spelling("add(mul(a,s),c)", "a*s + c == add(c, a, alpha=s)", _add_scaled_c),
-    Spelling("sub(c,mul(a,s))", "c - a*s == add(c, a, alpha=-s)", _sub_c_scaled),
+    Spelling("add(c,mul(a,s))", "c + a*s == add(c, a, alpha=s)", _scaled(aten.add.Tensor, False, 1)),
+    Spelling("add(mul(a,s),c)", "a*s + c == add(c, a, alpha=s)", _scaled(aten.add.Tensor, True, 1)),
+    Spelling("sub(c,mul(a,s))", "c - a*s == add(c, a, alpha=-s)", _scaled(aten.sub.Tensor, False, -1)),
 ]
 # Not rewritten on purpose (negative entries, tested): sub(mul(a,b), c) would need neg(c);
 # add(mul(a,b), c, alpha=s) scales c, not the product; a non-power-of-two alpha on a

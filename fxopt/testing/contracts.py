@@ -312,6 +312,14 @@ def _nonfinite_must_match(ref: Tensor, cand: Tensor, name: str) -> None:
         )
 
 
+def _fp64_views(ref: Tensor, cand: Tensor, f64: Tensor, name: str):
+    """Non-finite positions must match exactly; returns both outputs in float64 and the
+    mask of positions where all three are finite (the ones whose errors are measured)."""
+    _nonfinite_must_match(ref, cand, name)
+    r64, c64 = ref.to(torch.float64), cand.to(torch.float64)
+    return r64, c64, r64.isfinite() & c64.isfinite() & f64.isfinite()
+
+
 def _prepare_fp64(ref: Tensor, cand: Tensor, fp64_ref: Tensor | None, name: str):
     if fp64_ref is None:
         raise ValueError(
@@ -372,9 +380,7 @@ class Fp64Relative(Contract):
         ref, cand, f64 = _prepare_fp64(ref, cand, fp64_ref, self.name)
         if not ref.is_floating_point():
             return _check_exact_nonfloat(ref, cand, self.name)
-        _nonfinite_must_match(ref, cand, self.name)
-        r64, c64 = ref.to(torch.float64), cand.to(torch.float64)
-        mask = r64.isfinite() & c64.isfinite() & f64.isfinite()
+        r64, c64, mask = _fp64_views(ref, cand, f64, self.name)
         if not bool(mask.any()):
             return {"max_err": 0.0, "max_err_ref": 0.0, "rms_err": 0.0, "rms_err_ref": 0.0,
                     "floor_max": self.atol, "floor_rms": self.atol}
@@ -446,9 +452,7 @@ class Fp64Elementwise(Contract):
         ref, cand, f64 = _prepare_fp64(ref, cand, fp64_ref, self.name)
         if not ref.is_floating_point():
             return _check_exact_nonfloat(ref, cand, self.name)
-        _nonfinite_must_match(ref, cand, self.name)
-        r64, c64 = ref.to(torch.float64), cand.to(torch.float64)
-        mask = r64.isfinite() & c64.isfinite() & f64.isfinite()
+        r64, c64, mask = _fp64_views(ref, cand, f64, self.name)
         zero = torch.zeros((), dtype=torch.float64, device=ref.device)
         e_ref = torch.where(mask, (r64 - f64).abs(), zero)
         e_cand = torch.where(mask, (c64 - f64).abs(), zero)
