@@ -118,11 +118,14 @@ def kernel_rows(args, bw):
 
 
 def _parse_specs(blocks):
-    """'kind,BD,warps' (seq, chunk) or 'seqk,BD,K,warps[,pf2]', separated by ';'."""
+    """'kind,BD,warps' (seq, chunk), 'seqk,BD,K,warps[,pf2]' or 'gluon,TPC,M,K,W,STAGES[,u]', ';'-separated."""
     specs = []
     for spec in blocks.split(";"):
         f = spec.split(",")
-        if f[0] == "seqk":
+        if f[0] == "gluon":  # gluon,TPC,M,K,W,STAGES[,u]  (u: pre-pass as a separate launch)
+            specs.append(dict(kind="gluon", TPC=int(f[1]), M=int(f[2]), K=int(f[3]), W=int(f[4]), STAGES=int(f[5]),
+                              unfused=len(f) > 6 and f[6] == "u"))
+        elif f[0] == "seqk":
             specs.append(dict(kind="seqk", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3]), PF2=len(f) > 4 and f[4] == "pf2"))
         elif f[0] == "chunk":
             specs.append(dict(kind="chunk", BD=int(f[1]), T=16, num_warps=int(f[2])))
@@ -154,6 +157,10 @@ def tune(args, bw):
         for spec in specs:
             for G in gs:
                 if G * spec.get("T", spec.get("K", 1)) > L:
+                    continue
+                if spec["kind"] == "gluon":
+                    c = {k: v for k, v in spec.items() if k != "unfused"}
+                    cfgs.append(dict(c, G=G, fused=G > 1 and not spec["unfused"]))
                     continue
                 cfgs.append(dict(spec, G=G, num_stages=args.stages if spec["kind"] == "seq" else spec.get("num_stages", 1)))
         for cfg in cfgs:
@@ -261,7 +268,8 @@ def check_mode(args):
                         break
                 print(f"check {(b, L, d, n)} {str(dtype):15} {c if c else 'default'}: {'ok' if ok and same else 'FAIL'}", flush=True)
     x = make_inputs(1, 64, 16, 16)
-    for c in (dict(kind="seqk", BD=16, K=8, G=1), dict(kind="seqk", BD=16, K=8, G=2), dict(kind="seqk", BD=16, K=8, G=2, fused=True)):
+    for c in (None, dict(kind="gluon", TPC=4, M=2, K=8, W=1, STAGES=3, G=2, fused=True), dict(kind="seqk", BD=16, K=8, G=1),
+              dict(kind="seqk", BD=16, K=8, G=2, fused=True)):
         for _ in range(20):
             st.selective_scan_triton(*x, config=c)
         torch.cuda.synchronize()
@@ -289,6 +297,53 @@ def check_mode(args):
     return bad
 
 
+def contract_mode(args):
+    """The op's contract on the GPU (fp64_relative(2): error vs an fp64 evaluation no worse than
+    2x the eager fp32 loop's, plus a tiny absolute floor) over shapes x dtypes x input layouts, for
+    the default config and each ``--contract-cfg`` override; prints the worst error ratio."""
+    from fxopt.codegen import scan_triton as st
+    from fxopt.ops.scan import selective_scan_ref
+    from fxopt.testing.contracts import fp64_relative
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from test_scan_kernel import _CUDA_SHAPES, _gpu_inputs
+
+    contract = fp64_relative(args.contract_factor, atol=1e-6)
+    cfgs = [None] + [json.loads(c) for c in args.contract_cfg]
+    fails = 0
+    for c in cfgs:
+        worst, nfail = 0.0, 0
+        shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.contract_shapes] or _CUDA_SHAPES + [(1, 1536, 2048, 16)]
+        wy, wh = 0.0, 0.0
+        for (b, d, L, n) in shapes:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for layout in ("contiguous", "hf"):
+                    u, delta, A, B, C, D, z, h0 = _gpu_inputs(b, d, L, n, dtype, layout, seed=L + n)
+                    f64 = [t.double() for t in (u, delta, A, B, C, D, z, h0)]
+                    ref64, last64 = selective_scan_ref(*f64, out_dtype=torch.float64)
+                    eager, last = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D, z.float(), h0,
+                                                     torch.float32)
+                    cfg = None if c is None else dict(st.choose_config(b, d, L, n), **c)
+                    y, hl = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32, config=cfg)
+                    for ref, cand, r64, what in ((eager, y, ref64, "y"), (last, hl, last64, "h_last")):
+                        e_ref = (ref.double() - r64).abs().max().item()
+                        e_cand = (cand.double() - r64).abs().max().item()
+                        worst = max(worst, e_cand / max(e_ref, 1e-30))
+                        if what == "y":
+                            wy = max(wy, e_cand / max(e_ref, 1e-30))
+                        else:
+                            wh = max(wh, e_cand / max(e_ref, 1e-30))
+                        try:
+                            contract.check(ref, cand, fp64_ref=r64)
+                        except AssertionError as exc:
+                            nfail += 1
+                            print(f"  FAIL {c} {(b, d, L, n)} {dtype} {layout} {what}: {str(exc)[:160]}", flush=True)
+        fails += nfail
+        print(f"contract {c if c else 'default'}: worst max-error ratio vs eager {worst:.2f} (y {wy:.2f}, h_last {wh:.2f}), "
+              f"{nfail} failing", flush=True)
+    return fails
+
+
 def _cuda_graph_ms(fn, ids):
     """Time ``fn(ids)`` replayed from a CUDA graph (no Python launch cost); returns
     (ms, output of the captured call)."""
@@ -313,7 +368,8 @@ def e2e_rows(args):
     """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"]).
 
     Per row: eager (one timed call after a warm-up), fxopt (do_bench median of the
-    optimized module called from Python) and fxopt replayed from a CUDA graph, optimize()
+    optimized module called from Python; and steady state: 20 back-to-back calls) and fxopt
+    replayed from a CUDA graph, optimize()
     time, and the logits' max error against an fp32 eager run of the same weights (for
     bf16 rows: eager bf16 and fxopt bf16 both measured against it)."""
     import fxopt
@@ -345,6 +401,15 @@ def e2e_rows(args):
                 logits = _logits(opt(ids))
                 torch.cuda.synchronize()
                 fx_ms = do_bench(lambda: opt(ids), warmup=5, rep=100)
+                # steady state: back-to-back forwards, as a caller sees them (the forward is host-bound:
+                # ~1300 ATen calls through the GraphModule; do_bench's per-call cache flush and events
+                # make that number noisy)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    opt(ids)
+                torch.cuda.synchronize()
+                steady_ms = (time.perf_counter() - t0) / 20 * 1e3
                 try:
                     graph_ms, gout = _cuda_graph_ms(opt, ids)
                     graph_equal = bool(torch.equal(_logits(gout), logits))
@@ -353,7 +418,8 @@ def e2e_rows(args):
             if dtype == torch.float32:
                 ref32 = ref.float()
             row = dict(L=L, dtype=str(dtype).split(".")[-1], eager_ms=eager_s * 1e3, fxopt_ms=fx_ms,
-                       speedup=eager_s * 1e3 / fx_ms, fxopt_graph_ms=graph_ms,
+                       speedup=eager_s * 1e3 / fx_ms, fxopt_steady_ms=steady_ms, speedup_steady=eager_s * 1e3 / steady_ms,
+                       fxopt_graph_ms=graph_ms,
                        speedup_graph=(eager_s * 1e3 / graph_ms) if graph_ms else None, graph_bit_equal=graph_equal,
                        optimize_s=optimize_s, max_abs_logit=ref32.abs().max().item(),
                        eager_err_vs_fp32=(ref.float() - ref32).abs().max().item(),
@@ -364,11 +430,12 @@ def e2e_rows(args):
             del model, opt
             torch.cuda.empty_cache()
     if rows:
-        print(f"\n{'L':>6} {'dtype':<9}{'eager ms':>10}{'fxopt ms':>10}{'x':>7}{'graph ms':>10}{'x':>7}"
+        print(f"\n{'L':>6} {'dtype':<9}{'eager ms':>10}{'fxopt ms':>10}{'x':>7}{'steady ms':>10}{'x':>7}{'graph ms':>10}{'x':>7}"
               f"{'optimize s':>11}{'eager err':>11}{'fxopt err':>11}  (errors: max |logit - fp32 eager|)")
         for r in rows:
             g = f"{r['fxopt_graph_ms']:>10.2f}{r['speedup_graph']:>7.0f}" if r["fxopt_graph_ms"] else f"{'-':>10}{'-':>7}"
-            print(f"{r['L']:>6} {r['dtype']:<9}{r['eager_ms']:>10.1f}{r['fxopt_ms']:>10.2f}{r['speedup']:>7.0f}{g}"
+            print(f"{r['L']:>6} {r['dtype']:<9}{r['eager_ms']:>10.1f}{r['fxopt_ms']:>10.2f}{r['speedup']:>7.0f}"
+                  f"{r['fxopt_steady_ms']:>10.2f}{r['speedup_steady']:>7.0f}{g}"
                   f"{r['optimize_s']:>11.1f}{r['eager_err_vs_fp32']:>11.3g}{r['fxopt_err_vs_fp32']:>11.3g}")
     return rows
 
@@ -388,6 +455,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-host", action="store_true", help="with --check: cProfile 200 default calls")
     p.add_argument("--check", action="store_true", help="GPU correctness (fp32/bf16, D, z, h0, repeated) + host time")
+    p.add_argument("--profile-e2e", type=int, default=0, help="L: cProfile the optimized HF Mamba forward at this length")
+    p.add_argument("--once", default=None, help="'b,L,d,n': run that shape three times (for ncu); --cfg JSON config")
+    p.add_argument("--cfg", default=None)
+    p.add_argument("--contract", action="store_true", help="the op's fp64_relative contract over shapes/dtypes/layouts")
+    p.add_argument("--contract-factor", type=float, default=2.0, help="with --contract: the fp64_relative factor")
+    p.add_argument("--contract-shapes", nargs="*", default=[], help="with --contract: 'b,d,L,n' shapes (default: the test's)")
+    p.add_argument("--contract-cfg", nargs="*", default=[], help="with --contract: JSON config overrides to compare")
     p.add_argument("--gs", type=int, nargs="*", default=None, help="tune: group counts to try")
     p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--json", default=None)
@@ -403,8 +477,66 @@ def main(argv=None):
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, copy_bw_TBps=bw / 1e12,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.once:  # a few calls of one shape / config, for a profiler wrapped around this script
+        from fxopt.codegen import scan_triton as st
+
+        b, L, d, n = (int(v) for v in args.once.split(","))
+        x = make_inputs(b, L, d, n)
+        cfg = json.loads(args.cfg) if args.cfg else None
+        for _ in range(3):
+            st.selective_scan_triton(*x, config=cfg)
+        torch.cuda.synchronize()
+        return 0
+    if args.profile_e2e:  # host-time profile of the optimized HF Mamba forward
+        import cProfile
+        import pstats
+
+        import transformers
+
+        import fxopt
+        from fxopt.models.hf import mamba_130m_config
+
+        model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda")
+        ids = torch.randint(0, 50280, (1, args.profile_e2e), device="cuda")
+        with torch.no_grad():
+            opt = fxopt.optimize(model, (ids,), passes=["scan"])
+            for _ in range(3):
+                opt(ids)
+            torch.cuda.synchronize()
+            from triton.testing import do_bench
+
+            from fxopt.codegen import scan_triton as st
+
+            b_, L_ = ids.shape
+            d_, n_ = 1536, 16
+            for name, cfg in (("default", None), ("gluon G=1", dict(st.choose_config(b_, d_, L_, n_), G=1, TPC=4, W=1)),
+                              ("seqk", dict(st._choose_config(b_, d_, L_, n_, 0)))):
+                st._CONFIG_OVERRIDE.clear()
+                if cfg:
+                    st._CONFIG_OVERRIDE.update(cfg)
+                opt(ids)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    opt(ids)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                print(f"{name:10} do_bench {do_bench(lambda: opt(ids), warmup=5, rep=100):8.2f} ms   host {(t1 - t0) * 100:7.2f} ms"
+                      f"   wall {(t2 - t0) * 100:7.2f} ms per forward", flush=True)
+            st._CONFIG_OVERRIDE.clear()
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(5):
+                opt(ids)
+            torch.cuda.synchronize()
+            pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+        return 0
     if args.check:
         result["check_failures"] = check_mode(args)
+    if args.contract:
+        result["contract_failures"] = contract_mode(args)
     if args.compare:
         result["compare"] = compare(args, bw)
     elif args.tune:

@@ -1,6 +1,10 @@
 """Triton kernels for the scan custom ops (:mod:`fxopt.ops.scan`), each beside its ``_ref``.
 
 Selective scan (``fxopt::selective_scan``); the launch choice per shape is :func:`choose_config`.
+On CUDA devices with async copies (sm_80+) the default is the Gluon kernel of
+:mod:`fxopt.codegen.scan_gluon` (explicit layouts; 2-6x faster); the kernels here run under
+``TRITON_INTERPRET=1`` (the CPU tests), on older GPUs, and for layouts the Gluon kernel declines
+(16-bit inputs whose l is not a multiple of 16).
 
 * ``seqk`` (the default): one time step per iteration with the state ``[BD, NP]`` in registers
   (only the FMA ``h = a h + x`` is on the sequential path), but the inputs come in ``(BD, K)`` /
@@ -486,7 +490,24 @@ def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> di
     time of a launch was ~50-100 us on the measuring machine, more than the GPU time at b1)."""
     if _CONFIG_OVERRIDE:
         return dict(_CONFIG_OVERRIDE)
+    if _gluon_ok(device_index):
+        from . import scan_gluon
+
+        return scan_gluon.choose_config(bsz, d, L, n, _sm_count(device_index))
     return dict(_choose_config(bsz, d, L, n, device_index))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_ok(device_index: int) -> bool:
+    """The Gluon kernel (:mod:`fxopt.codegen.scan_gluon`) is the default on CUDA devices that have
+    async copies (sm_80+); the plain-Triton kernels below stay for the interpreter and older GPUs."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    try:
+        from . import scan_gluon
+    except Exception:  # pragma: no cover - a Triton without Gluon
+        return False
+    return scan_gluon.supported(torch.device("cuda", device_index))
 
 
 @functools.lru_cache(maxsize=256)
@@ -551,12 +572,20 @@ def selective_scan_triton(
             hl.zero_()
         return y, hl
     cfg = dict(config) if config else choose_config(bsz, d, L, n, u.device.index or 0)
-    BD, T, G = cfg["BD"], cfg.get("T", 16), cfg["G"]
+    BD, T, G = cfg.get("BD", 16), cfg.get("T", 16), cfg["G"]
     NP = _next_pow2(max(n, 1))
     LG = triton.cdiv(triton.cdiv(L, G), T) * T
     G = triton.cdiv(L, LG)
     if h0 is not None:
         h0 = h0.to(torch.float32).expand(bsz, d, n).contiguous()
+    if cfg.get("kind") == "gluon":
+        from . import scan_gluon
+
+        out = scan_gluon.selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg, _flag_buffer)
+        if out is not None:
+            return out
+        cfg = dict(_choose_config(bsz, d, L, n, u.device.index or 0))  # a layout the Gluon kernel does not take
+        BD, G = cfg["BD"], cfg["G"]
     dummy = y
     grid = (triton.cdiv(d, BD), G, bsz)
     seq = cfg.get("kind", "chunk") == "seq"
@@ -701,7 +730,12 @@ def linear_scan_triton(
 
 
 def kernel_source() -> str:
-    """The Triton source of these kernels (for ``fxopt.codegen.kernel_sources``)."""
+    """The Triton source of these kernels and of the Gluon kernel (for ``fxopt.codegen.kernel_sources``)."""
     import inspect
 
-    return inspect.getsource(inspect.getmodule(_ssm_fwd_kernel))
+    src = inspect.getsource(inspect.getmodule(_ssm_fwd_kernel))
+    try:
+        from . import scan_gluon
+    except Exception:  # pragma: no cover - a Triton without Gluon
+        return src
+    return src + "\n\n# " + "-" * 94 + "\n# fxopt/codegen/scan_gluon.py\n" + inspect.getsource(scan_gluon)

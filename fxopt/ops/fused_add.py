@@ -28,6 +28,7 @@ import torch
 
 from ..codegen import elementwise as ew
 from ..codegen.cache import build_cuda_extension, load_triton_module
+from ..codegen.launch import compiled_kernel, run_compiled
 from .. import config
 from ..errors import CodegenError
 
@@ -151,31 +152,20 @@ def _make_triton_launch(tree: ew.Tree, dtype: torch.dtype, layout: ew.Layout, xs
     if interpret or xs[0].device.type != "cuda":
         return lambda xs, outs: slow(xs, outs)
 
-    knobs = triton.knobs.runtime
     dev_index = xs[0].device.index if xs[0].device.index is not None else torch.cuda.current_device()
     get_stream = torch._C._cuda_getCurrentRawStream
     tail = (*scalars, block, i64)
 
-    def _hook(h):
-        # an empty HookChain is truthy but does nothing: pass None so the C launcher skips it
-        return None if h is None or (hasattr(h, "calls") and not h.calls) else h
-
     def fast(xs, outs):
         k = state.get("kernel")
         if k is None:
-            k = slow(xs, outs)  # compile (or fetch from Triton's cache) and launch once
-            if hasattr(k, "result"):
-                k = k.result()
-            ok = k is not None and hasattr(k, "run") and hasattr(k, "function") and hasattr(k, "packed_metadata")
-            state["kernel"] = k if ok else False
+            # compile (or fetch from Triton's cache) and launch once
+            state["kernel"] = compiled_kernel(slow(xs, outs)) or False
             return
         if k is False:
             slow(xs, outs)
             return
-        enter, exit_ = _hook(knobs.launch_enter_hook), _hook(knobs.launch_exit_hook)
-        stream = get_stream(dev_index)
-        meta = k.launch_metadata(grid, stream, *xs, *outs, *tail) if enter is not None else None
-        k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, enter, exit_, *xs, *outs, *tail)
+        run_compiled(k, grid, get_stream(dev_index), (*xs, *outs, *tail))
 
     return fast
 
