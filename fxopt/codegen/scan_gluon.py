@@ -410,7 +410,8 @@ def _unit_l(t):
 def _bc_ok(t, wide_n: bool):
     """B / C as the kernel copies them: 16-bit only when unit-stride along n with >= 2 states per
     lane, the other strides divisible by 16 elements, aligned; else an fp32 copy (b*n*l: small)."""
-    if t.element_size() == 4 or (t.stride(1) == 1 and wide_n and _div16(_strides(t)[0], _strides(t)[2]) and _aligned(t)):
+    sb, _, sl = _strides(t)
+    if t.element_size() == 4 or (t.stride(1) == 1 and wide_n and _div16(sb, sl) and _aligned(t)):
         return t
     return t.float()
 
@@ -461,11 +462,15 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
         launches.append(((nblk, G - 1, bsz), (False, False, False, True, False)))
     launches.append(((nblk, 2 * G - 1 if fused else G, bsz), (D is not None, z is not None, h0 is not None, False, fused)))
     stream = torch._C._cuda_getCurrentRawStream(u.device.index)
+    # what the specialisation depends on beyond shapes and strides: the caller's tensors' dtypes and
+    # alignment (y, hl and the scratch buffers are fresh allocations whose offsets follow the shapes)
+    inputs = (u, delta, A, B, C, D, z, h0)
+    spec = (u.device.index, y.dtype, tuple(None if t is None else (t.dtype, _aligned(t)) for t in inputs),
+            (bsz, d, n, L), strides, LG, G)
     for grid, (has_d, has_z, has_h0, state_only, fz) in launches:
         consts = (has_d, has_z, has_h0, state_only, NP, TPC, M, W, K, fz, lmajor, STAGES, n_even, bc_reg)
         args = (*ptrs, d, n, L, LG // K, G, G - 1, *strides, *consts)
-        key = (u.device.index, tuple(t.dtype for t in ptrs), tuple(_aligned(t) for t in ptrs),
-               (d, n, L), strides, consts, LG, G)
+        key = (spec, consts)
         k = _COMPILED.get(key)
         if k is _FAILED:
             return None

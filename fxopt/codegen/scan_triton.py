@@ -572,10 +572,6 @@ def selective_scan_triton(
             hl.zero_()
         return y, hl
     cfg = dict(config) if config else choose_config(bsz, d, L, n, u.device.index or 0)
-    BD, T, G = cfg.get("BD", 16), cfg.get("T", 16), cfg["G"]
-    NP = _next_pow2(max(n, 1))
-    LG = triton.cdiv(triton.cdiv(L, G), T) * T
-    G = triton.cdiv(L, LG)
     if h0 is not None:
         h0 = h0.to(torch.float32).expand(bsz, d, n).contiguous()
     if cfg.get("kind") == "gluon":
@@ -585,7 +581,10 @@ def selective_scan_triton(
         if out is not None:
             return out
         cfg = dict(_choose_config(bsz, d, L, n, u.device.index or 0))  # a layout the Gluon kernel does not take
-        BD, G = cfg["BD"], cfg["G"]
+    BD, T, G = cfg.get("BD", 16), cfg.get("T", 16), cfg["G"]
+    NP = _next_pow2(max(n, 1))
+    LG = triton.cdiv(triton.cdiv(L, G), T) * T
+    G = triton.cdiv(L, LG)
     dummy = y
     grid = (triton.cdiv(d, BD), G, bsz)
     seq = cfg.get("kind", "chunk") == "seq"
