@@ -163,6 +163,7 @@ _GLUON_CFGS = [
     dict(FUSED=True, HAS_H0=True),                            # pre-pass + main pass, ticketed
     dict(NP=1, TPC=1, K=8, HAS_Z=False, HAS_D=False, N_EVEN=False),
     dict(NP=64, TPC=8, W=2),
+    dict(TPC=2, W=2, BC_REG=True, EXP_SFU=True, SFU_BIAS=2e-8),  # FXOPT_SCAN_EXP=sfu
 ]
 
 
@@ -173,14 +174,15 @@ _COMPILE = textwrap.dedent("""
     for cfg in json.loads(sys.argv[1]):
         k = scan_gluon.compile_for_target(**cfg)
         sass = scan_gluon.disassemble(k)
-        out.append(dict(cfg=cfg, res=scan_gluon.resource_usage(k), ex2="MUFU.EX2" in sass, ldgsts="LDGSTS" in sass))
+        out.append(dict(cfg=cfg, res=scan_gluon.resource_usage(k), ex2="MUFU.EX2" in sass, ldgsts="LDGSTS" in sass,
+                        loop_spills=scan_gluon.local_accesses_in_longest_loop(sass)))
     print(json.dumps(out))
 """)
 
 
 def test_gluon_kernel_compiles_for_sm90(tmp_path):
-    """Every constexpr branch of the Gluon kernel lowers to sm_90 machine code without spills or
-    local memory (ptxas ships with Triton; no GPU needed). In a subprocess without
+    """Every constexpr branch of the Gluon kernel lowers to sm_90 machine code without spills in the
+    time loop (ptxas ships with Triton; no GPU needed). In a subprocess without
     TRITON_INTERPRET (under the interpreter jit functions are not compilable) and with an empty
     Triton cache (so this compiles, not loads)."""
     pytest.importorskip("triton.experimental.gluon")
@@ -196,8 +198,10 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(results) == len(_GLUON_CFGS)
     for rec in results:
-        assert rec["res"]["LOCAL"] == 0 and rec["res"]["STACK"] == 0, rec
-        assert rec["ex2"] and rec["ldgsts"], rec  # exp on the SFU, tiles through async copies
+        # no spill traffic in the time loop (a value parked on the stack for after the loop is allowed)
+        assert rec["res"]["LOCAL"] == 0 and rec["loop_spills"] == 0 and rec["res"]["STACK"] <= 16, rec
+        # exp on the FMA pipe (exp2_fma) unless EXP_SFU asks for the SFU; tiles through async copies
+        assert rec["ex2"] == rec["cfg"].get("EXP_SFU", False) and rec["ldgsts"], rec
 
 
 def _gpu_inputs(b, d, L, n, dtype, layout, seed):
@@ -221,19 +225,21 @@ def _gpu_inputs(b, d, L, n, dtype, layout, seed):
 
 _CUDA_SHAPES = [(1, 5, 13, 3), (2, 70, 96, 16), (1, 3, 1, 1), (2, 33, 264, 64), (1, 40, 2048, 16), (1, 24, 512, 8)]
 
-# The GPU kernels evaluate exp(delta A) on the SFU (MUFU.EX2, ~2 ulp) where the eager loop on the
-# GPU uses an accurate expf (~1 ulp); over a recurrence that widens the gap to the fp64 loop to
-# 1.5x (mean) and up to ~6x (max, final state) the eager loop's (benchmarks/scan_numerics.py,
-# BENCHMARKS.md). This is the bound the CUDA path is held to; the CPU path meets CONTRACT (2x).
-GPU_CONTRACT = fp64_relative(6.0, atol=1e-6)
+# The CUDA path meets the op's contract (fp64_relative(2)): exp(delta A) by exp2_fma (<= 1 ulp,
+# unbiased). With FXOPT_SCAN_EXP=sfu (MUFU.EX2 with a calibrated bias correction) it does too, as
+# measured; both are checked here.
+GPU_CONTRACT = CONTRACT
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on the device tool)")
-def test_scan_cuda_kernel_contract():
+@pytest.mark.parametrize("exp", ["fma", "sfu"])
+def test_scan_cuda_kernel_contract(exp, monkeypatch):
     """The CUDA implementation (Gluon kernel, or the Triton fallback where it declines a layout)
     against an fp64 evaluation of the loop, under the op's contract, over shapes x dtypes x layouts;
     repeated to catch races of the fused launch (flags, ticket)."""
     from fxopt.ops.scan import selective_scan_ref
+
+    monkeypatch.setenv("FXOPT_SCAN_EXP", exp)
 
     for (b, d, L, n) in _CUDA_SHAPES:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -19,9 +19,10 @@ and the n states of a channel over lanes (~570 warp shuffles per 8 steps). Here 
   16-byte loads into registers and a transposed store when they are unit-stride along l
   (``BC_REG``), else by async copies; each step reads its ``(n,)`` row as a broadcast.
 
-What limits it (ncu, H100, b4 l2048 d5120 n16 fp32): the shared-memory / L1 pipe (each lane
-reads 2 * SPL floats of B and C per step) and the exp unit (one MUFU.EX2 per state per step),
-with ~10 warps per SM (the problem has 1280). See BENCHMARKS.md.
+What limits it (ncu, H100, b4 l2048 d5120 n16): with the SFU exp, the shared-memory / L1 pipe
+(each lane reads 2 * SPL floats of B and C per step) and the exp unit (one MUFU.EX2 per state per
+step), with ~10 warps per SM (the problem has 1280); with the default FMA-pipe exp, instruction
+issue (~14 instructions per exp: the loop is 2.3x longer). See BENCHMARKS.md.
 
 The sequence may be cut into ``G`` groups (few b*d channels): a pre-pass computes each group's end
 state from zero and its delta sum, the main pass folds those of the groups before it into its
@@ -29,12 +30,12 @@ carry-in (``h = exp(A sum delta) h + S``). The pre-pass is a separate launch by 
 ``FUSED`` both passes are one launch whose program ids come from an atomic ticket (see
 ``_ssm_kernel``; measured slower than two launches on the H100).
 
-State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs; ``exp(x)`` as ``exp2(x log2 e)`` on
-the SFU. Accuracy: MUFU.EX2 (~2 ulp) is less accurate than the eager loop's expf on the GPU, and
-over the recurrence the error to an fp64 loop is 1.5x the eager loop's on average and up to ~6x
-at the worst element of the final state (benchmarks/scan_numerics.py). Range reduction and a
-split argument (as libdevice's expf does) did not change that in measurements; an FMA-pipe
-polynomial exp would, at about twice the instructions per step.
+State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs. ``exp(x)`` is ``2^(x log2 e)`` by
+:func:`fxopt.codegen.exp2.exp2_fma_gluon` (FMA pipe, <= 1 ulp, unbiased): the SFU's exp2
+(MUFU.EX2, ~2 ulp, biased low) made the error to an fp64 loop up to 5.7x the eager loop's, over
+the contract's 2x. ``FXOPT_SCAN_EXP=sfu`` (``EXP_SFU``) selects the SFU with a calibrated bias
+correction (:data:`SFU_EXP_BIAS`): faster, within the contract as measured, not by construction.
+The silu(z) epilogue uses ``exp2_fma`` and a correctly rounded division in both modes.
 """
 from __future__ import annotations
 
@@ -47,11 +48,23 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from ..ops.scan import selective_scan_ref
+from .exp2 import exp2_fma_gluon
 from .launch import compiled_kernel, run_compiled
 
 selective_scan_gluon_ref = selective_scan_ref
 
 LOG2E = 1.4426950408889634
+
+# FXOPT_SCAN_EXP=sfu: exp(dt A) as one MUFU.EX2 of ``fma(dt, A log2 e, SFU_EXP_BIAS)``. The SFU's
+# exp2 is ~2 ulp and biased low (mean relative error -0.1 to -0.85 x 2^-24 depending on the
+# argument, benchmarks/scan_numerics.py --exp-profile, H100); a recurrence adds a bias up along
+# the sequence. Adding 2e-8 to the argument (a relative +1.4e-8 on the result, folded into the
+# FMA that forms the argument: no extra instruction) centres the error where long memories live
+# (decays near 1). Calibrated on the H100 over five regimes of exp(dt A) x 7 shapes x 3 dtypes
+# (benchmarks/scan.py --contract --contract-dists ...): uses at most 0.75 of the fp64_relative(2)
+# bound, where 0 and 3e-8 fail it. A measurement, not a proof: the default (fma) is exact to 1 ulp
+# by construction.
+SFU_EXP_BIAS = 2e-8
 
 
 @gluon.jit
@@ -69,7 +82,7 @@ def _body(
     HAS_D: gl.constexpr, HAS_Z: gl.constexpr, HAS_H0: gl.constexpr, STATE_ONLY: gl.constexpr,
     NP: gl.constexpr, TPC: gl.constexpr, M: gl.constexpr, W: gl.constexpr, K: gl.constexpr, FUSED: gl.constexpr,
     BC_LMAJOR: gl.constexpr, STAGES: gl.constexpr, N_EVEN: gl.constexpr,
-    BC_REG: gl.constexpr,
+    BC_REG: gl.constexpr, EXP_SFU: gl.constexpr, SFU_BIAS: gl.constexpr,
 ):
     SPL: gl.constexpr = NP // TPC          # states per lane
     CPW: gl.constexpr = 32 // TPC          # channel slots per warp
@@ -134,7 +147,7 @@ def _body(
                 Sg = gl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :],
                              mask=md[:, None] & keep, other=0.0, cache_modifier=".cg")
                 dsg = gl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0, cache_modifier=".cg")
-                h = gl.where(keep, gl.exp2(A * dsg[:, None]) * h + Sg, h)
+                h = gl.where(keep, exp2_fma_gluon(A * dsg[:, None]) * h + Sg, h)
         if FUSED:
             # the last reader of each flag resets it (and its reader count) for the next launch
             for gp in range(0, GM1):
@@ -245,7 +258,10 @@ def _body(
             dtk = gl.convert_layout(gl.sum(gl.where(sel, dtc, -0.0), axis=1), LSD, assert_trivial=True)
             xk = gl.convert_layout(gl.sum(gl.where(sel, dtu, -0.0), axis=1), LSD, assert_trivial=True)
             Bk = sBc.slice(k, 1).load(LS).to(gl.float32)               # [1, NP], broadcast read
-            dA = gl.exp2(dtk[:, None] * A)                          # exp(dt A) = 2^(dt A log2 e): one MUFU.EX2
+            if EXP_SFU:  # one MUFU.EX2 of the bias-corrected argument (see SFU_EXP_BIAS)
+                dA = gl.exp2(gl.fma(dtk[:, None], A, SFU_BIAS))
+            else:  # exp(dt A) = 2^(dt A log2 e) within 1 ulp, unbiased, on the FMA pipe
+                dA = exp2_fma_gluon(dtk[:, None] * A)
             h = dA * h + xk[:, None] * Bk
             if not STATE_ONLY:
                 Ck = sCc.slice(k, 1).load(LS).to(gl.float32)
@@ -262,7 +278,7 @@ def _body(
                 ye += sU.index(stage).load(LE).to(gl.float32) * Dv[:, None]
             if HAS_Z:
                 ze = sZ.index(stage).load(LE).to(gl.float32)
-                ye = ye * ze / (1.0 + gl.exp2(-ze * 1.4426950408889634))
+                ye = gl.div_rn(ye * ze, 1.0 + exp2_fma_gluon(-ze * 1.4426950408889634))
             gl.store(y_base + tt[None, :] * s_yl, ye.to(y_ptr.dtype.element_ty), mask=m2)
         stage = (stage + 1) % STAGES
     async_copy.wait_group(0)
@@ -291,7 +307,7 @@ def _ssm_kernel(
     HAS_D: gl.constexpr, HAS_Z: gl.constexpr, HAS_H0: gl.constexpr, STATE_ONLY: gl.constexpr,
     NP: gl.constexpr, TPC: gl.constexpr, M: gl.constexpr, W: gl.constexpr, K: gl.constexpr, FUSED: gl.constexpr,
     BC_LMAJOR: gl.constexpr, STAGES: gl.constexpr, N_EVEN: gl.constexpr,
-    BC_REG: gl.constexpr,
+    BC_REG: gl.constexpr, EXP_SFU: gl.constexpr, SFU_BIAS: gl.constexpr,
 ):
     """Grid ``(d blocks, groups, b)``. FUSED: one launch for the pre-pass and the main pass: rows
     ``0 .. G-2`` of axis 1 are the pre-pass of groups 0 .. G-2, rows ``G-1 .. 2G-2`` the main pass
@@ -316,18 +332,18 @@ def _ssm_kernel(
             _body(pid_d, gy, b, flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr,
                   hl_ptr, S_ptr, ds_ptr, D_, N_, L_, LGK, G, GM1, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an,
                   s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
-                  HAS_D, HAS_Z, HAS_H0, True, NP, TPC, M, W, K, True, BC_LMAJOR, STAGES, N_EVEN, BC_REG)
+                  HAS_D, HAS_Z, HAS_H0, True, NP, TPC, M, W, K, True, BC_LMAJOR, STAGES, N_EVEN, BC_REG, EXP_SFU, SFU_BIAS)
         else:
             _body(pid_d, gy - GM1, b, flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, h0_ptr,
                   y_ptr, hl_ptr, S_ptr, ds_ptr, D_, N_, L_, LGK, G, GM1, s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad,
                   s_an, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
-                  HAS_D, HAS_Z, HAS_H0, False, NP, TPC, M, W, K, True, BC_LMAJOR, STAGES, N_EVEN, BC_REG)
+                  HAS_D, HAS_Z, HAS_H0, False, NP, TPC, M, W, K, True, BC_LMAJOR, STAGES, N_EVEN, BC_REG, EXP_SFU, SFU_BIAS)
     else:
         _body(gl.program_id(0), gl.program_id(1), gl.program_id(2), flag_ptr, cnt_ptr, u_ptr, dt_ptr, A_ptr, B_ptr,
               C_ptr, Dv_ptr, z_ptr, h0_ptr, y_ptr, hl_ptr, S_ptr, ds_ptr, D_, N_, L_, LGK, G, GM1,
               s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
               s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
-              HAS_D, HAS_Z, HAS_H0, STATE_ONLY, NP, TPC, M, W, K, False, BC_LMAJOR, STAGES, N_EVEN, BC_REG)
+              HAS_D, HAS_Z, HAS_H0, STATE_ONLY, NP, TPC, M, W, K, False, BC_LMAJOR, STAGES, N_EVEN, BC_REG, EXP_SFU, SFU_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,28 +368,33 @@ def lanes_per_channel(n: int) -> int:
     return max(1, min(NP // 8, 32))
 
 
-def choose_config(bsz: int, d: int, L: int, n: int, sms: int) -> dict:
-    return dict(_choose_config(bsz, d, L, n, sms))
+def choose_config(bsz: int, d: int, L: int, n: int, sms: int, exp: str = "fma") -> dict:
+    return dict(_choose_config(bsz, d, L, n, sms, exp))
 
 
 @functools.lru_cache(maxsize=256)
-def _choose_config(bsz: int, d: int, L: int, n: int, sms: int) -> dict:
+def _choose_config(bsz: int, d: int, L: int, n: int, sms: int, exp: str) -> dict:
     """Launch choice, from benchmarks/scan.py --tune / --compare on an H100 (2026-11-22): 16 steps
-    per chunk, 3 stages, 8 states per lane, one channel per lane slot. With enough (batch x
-    channel) warps the sequence is not split and two warps share a program (one copy of each B / C
-    chunk for both); otherwise it is cut into groups of >= 128 steps until there are ~8 warps per
-    SM, with the pre-pass as its own launch (measured faster than the fused, ticketed launch)."""
+    per chunk, 3 stages, one channel per lane slot. With enough (batch x channel) warps the
+    sequence is not split and two warps share a program (one copy of each B / C chunk for both);
+    otherwise it is cut into groups of >= 128 steps until there are ~8 warps per SM, with the
+    pre-pass as its own launch (measured faster than the fused, ticketed launch). States per lane:
+    8 with the SFU exp; 4 with the FMA-pipe exp (``exp="fma"``: ~14 instructions per exp, so more
+    lanes share the work: b4 l2048 d5120 0.65 -> 0.52 ms, b1 d1536 0.094 -> 0.087 ms)."""
+    NP = _next_pow2(max(n, 1))
     tpc = lanes_per_channel(n)
+    if exp == "fma":
+        tpc = min(2 * tpc, NP, 8)
     warps = bsz * -(-d // (32 // tpc))
     K = 16 if L >= 64 else 8
     if warps < 8 * sms and L < 1024:
         # short and narrow: one launch (host time dominates), twice the lanes per channel for more warps
-        return dict(kind="gluon", TPC=min(2 * tpc, _next_pow2(max(n, 1))), M=1, W=1, K=K, STAGES=3, G=1, fused=False)
+        return dict(kind="gluon", TPC=min(2 * tpc, NP, 8), M=1, W=1, K=K, STAGES=3, G=1, fused=False, exp=exp)
     G = 1
     while warps * G < 8 * sms and G * 2 <= min(32, L // 128):
         G *= 2
     W = 2 if G == 1 and warps >= 4 * sms else 1
-    return dict(kind="gluon", TPC=tpc, M=1, W=W, K=K, STAGES=3, G=G, fused=False)
+    return dict(kind="gluon", TPC=tpc, M=1, W=W, K=K, STAGES=3, G=G, fused=False, exp=exp)
 
 
 _COMPILED: dict = {}
@@ -456,6 +477,8 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
     strides = tuple(st for t in (u, delta, A, B, C, z, y) for st in _strides(t))
     lmajor = B.stride(2) == 1 and C.stride(2) == 1 and not (B.stride(1) == 1 and C.stride(1) == 1)
     bc_reg = bool(cfg.get("bc_reg", True)) and lmajor
+    exp_sfu = cfg.get("exp", "fma") == "sfu"
+    sfu_bias = float(cfg.get("sfu_bias", SFU_EXP_BIAS)) if exp_sfu else 0.0
     ptrs = (u, delta, A, B, C, Dd, zz, hh, y, hl, S, ds, flags, cnts)
     launches = []
     if G > 1 and not fused:
@@ -468,7 +491,7 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
     spec = (u.device.index, y.dtype, tuple(None if t is None else (t.dtype, _aligned(t)) for t in inputs),
             (bsz, d, n, L), strides, LG, G)
     for grid, (has_d, has_z, has_h0, state_only, fz) in launches:
-        consts = (has_d, has_z, has_h0, state_only, NP, TPC, M, W, K, fz, lmajor, STAGES, n_even, bc_reg)
+        consts = (has_d, has_z, has_h0, state_only, NP, TPC, M, W, K, fz, lmajor, STAGES, n_even, bc_reg, exp_sfu, sfu_bias)
         args = (*ptrs, d, n, L, LG // K, G, G - 1, *strides, *consts)
         key = (spec, consts)
         k = _COMPILED.get(key)
@@ -495,13 +518,13 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
 # offline compilation (no GPU needed: Triton ships ptxas): for tests and for reading the SASS
 # ----------------------------------------------------------------------------------------------
 _CONSTEXPRS = ("HAS_D", "HAS_Z", "HAS_H0", "STATE_ONLY", "NP", "TPC", "M", "W", "K", "FUSED", "BC_LMAJOR", "STAGES", "N_EVEN",
-               "BC_REG")
+               "BC_REG", "EXP_SFU", "SFU_BIAS")
 _TILE_PTRS = ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr")
 
 
 def compile_for_target(arch: int = 90, *, dtype: str = "*fp32", HAS_D=True, HAS_Z=True, HAS_H0=False,
                        STATE_ONLY=False, NP=16, TPC=4, M=1, W=1, K=16, FUSED=False, BC_LMAJOR=True, STAGES=3,
-                       N_EVEN=True, BC_REG=False):
+                       N_EVEN=True, BC_REG=False, EXP_SFU=False, SFU_BIAS=0.0):
     """Compile ``_ssm_kernel`` for ``sm_<arch>`` as a launch with contiguous, 16-byte aligned
     (b, d, l) tensors would specialise it (unit strides along l, sizes divisible by 16)."""
     import triton
@@ -510,7 +533,7 @@ def compile_for_target(arch: int = 90, *, dtype: str = "*fp32", HAS_D=True, HAS_
 
     names = _ssm_kernel.arg_names
     consts = dict(HAS_D=HAS_D, HAS_Z=HAS_Z, HAS_H0=HAS_H0, STATE_ONLY=STATE_ONLY, NP=NP, TPC=TPC, M=M, W=W, K=K,
-                  FUSED=FUSED, BC_LMAJOR=BC_LMAJOR, STAGES=STAGES, N_EVEN=N_EVEN, BC_REG=BC_REG)
+                  FUSED=FUSED, BC_LMAJOR=BC_LMAJOR, STAGES=STAGES, N_EVEN=N_EVEN, BC_REG=BC_REG, EXP_SFU=EXP_SFU, SFU_BIAS=SFU_BIAS)
     unit = ("s_ul", "s_tl", "s_zl", "s_yl", "s_an") + (("s_bl", "s_cl") if BC_LMAJOR else ("s_bn", "s_cn"))
     sig, div16 = {}, []
     for i, nm in enumerate(names):
@@ -547,6 +570,31 @@ def _cuobjdump(kernel, flag: str) -> str:
 def disassemble(kernel) -> str:
     """SASS of a compiled kernel (``cuobjdump -sass``)."""
     return _cuobjdump(kernel, "-sass")
+
+
+def local_accesses_in_longest_loop(sass: str) -> int:
+    """Local-memory (spill) instructions between the target and the source of the longest backward
+    branch in ``sass``: for the scan kernel, the time loop. (ptxas may park a value that is only
+    needed after the loop on the stack; that costs nothing per step.)"""
+    import re
+
+    addr = {}
+    lines = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if m:
+            addr[int(m.group(1), 16)] = len(lines)
+            lines.append(m.group(2))
+    best = None
+    for i, ins in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) in addr and addr[int(m.group(1), 16)] < i:
+            span = (addr[int(m.group(1), 16)], i)
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return 0
+    return sum(bool(re.match(r"(@!?U?P\d+\s+)?(LDL|STL)\b", ins)) for ins in lines[best[0]:best[1] + 1])
 
 
 def resource_usage(kernel) -> dict:

@@ -20,7 +20,9 @@ On CUDA devices with async copies (sm_80+) the default is the Gluon kernel of
   (An n-unrolled variant scanning ``(BD, T)`` tiles per state index measured 5-8x slower still
   on the H100 and was removed.)
 
-State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs; ``exp(x)`` as ``exp2(x log2 e)``.
+State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs; ``exp(x)`` as ``exp2(x log2 e)`` by
+:func:`fxopt.codegen.exp2.exp2_fma` (FMA pipe, unbiased; the SFU's exp2 is not accurate enough
+for the op's contract on the GPU).
 
 General linear scan (``fxopt::linear_scan``): a chunked associative scan over a flattened
 ``(L, M)`` layout (broadcast inputs are materialised; readouts are contracted by torch).
@@ -38,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..ops.scan import linear_scan_ref, selective_scan_ref  # noqa: F401  (the references)
+from .exp2 import exp2_fma
 
 
 def _fix_interpreter_index() -> None:
@@ -106,9 +109,9 @@ def _ssm_group_state_kernel(
         Bv = tl.load(B_ptr + b * s_bb + offs_n[:, None] * s_bn + tt[None, :] * s_bl, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
         cum = tl.cumsum(dt, axis=1)
         tot = tl.sum(dt, axis=1)
-        w = tl.exp2((tot[:, None] - cum)[:, None, :] * A[:, :, None])           # [BD, NP, T]
+        w = exp2_fma((tot[:, None] - cum)[:, None, :] * A[:, :, None])           # [BD, NP, T]
         contrib = tl.sum(w * (dt * u)[:, None, :] * Bv[None, :, :], axis=2)     # [BD, NP]
-        S = tl.exp2(A * tot[:, None]) * S + contrib
+        S = exp2_fma(A * tot[:, None]) * S + contrib
         dsum += tot
     sp = S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :]
     tl.store(sp, S, mask=md[:, None])
@@ -150,7 +153,7 @@ def _ssm_fwd_kernel(
         keep = gp < g
         Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
         dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
-        h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+        h = tl.where(keep, exp2_fma(A * dsg[:, None]) * h + Sg, h)
     if HAS_D:
         Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     is_last = (offs_t == T - 1)[None, None, :]
@@ -164,7 +167,7 @@ def _ssm_fwd_kernel(
         u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + tt[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + b * s_bb + offs_n[:, None] * s_bn + tt[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + b * s_cb + offs_n[:, None] * s_cn + tt[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A[:, :, None])                  # [BD, NP, T]; 1 where masked (dt = 0)
+        a = exp2_fma(dt[:, None, :] * A[:, :, None])                  # [BD, NP, T]; 1 where masked (dt = 0)
         x = (dt * u)[:, None, :] * Bv[None, :, :]                    # 0 where masked
         aa, bb = tl.associative_scan((a, x), 2, _combine)
         hs = aa * h[:, :, None] + bb
@@ -174,7 +177,7 @@ def _ssm_fwd_kernel(
             yv += u * Dv[:, None]
         if HAS_Z:
             zv = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + tt[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
-            yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+            yv = tl.div_rn(yv * zv, 1.0 + exp2_fma(-zv * 1.4426950408889634))
         tl.store(y_ptr + b * s_yb + offs_d[:, None] * s_yd + tt[None, :] * s_yl, yv.to(y_ptr.dtype.element_ty), mask=m2)
     if g == G - 1:
         tl.store(hl_ptr + ((b * D_ + offs_d[:, None]) * N_ + offs_n[None, :]), h, mask=mdn)
@@ -216,7 +219,7 @@ def _ssm_seq_kernel(
             keep = gp < g
             Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0)
             dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0)
-            h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+            h = tl.where(keep, exp2_fma(A * dsg[:, None]) * h + Sg, h)
     if HAS_D:
         Dv = tl.load(Dv_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     dsum = tl.zeros((BD,), dtype=tl.float32)
@@ -233,7 +236,7 @@ def _ssm_seq_kernel(
         dt = tl.load(t_base + t * s_tl, mask=md & ok, other=0.0).to(tl.float32)
         u = tl.load(u_base + t * s_ul, mask=md & ok, other=0.0).to(tl.float32)
         Bt = tl.load(B_base + t * s_bl, mask=mn & ok, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None] * A)
+        a = exp2_fma(dt[:, None] * A)
         h = a * h + (dt * u)[:, None] * Bt[None, :]
         if STATE_ONLY:
             dsum += dt
@@ -244,7 +247,7 @@ def _ssm_seq_kernel(
                 yv += u * Dv
             if HAS_Z:
                 zv = tl.load(z_base + t * s_zl, mask=md & ok, other=0.0).to(tl.float32)
-                yv = yv * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+                yv = tl.div_rn(yv * zv, 1.0 + exp2_fma(-zv * 1.4426950408889634))
             tl.store(y_base + t * s_yl, yv.to(y_ptr.dtype.element_ty), mask=md & ok)
     if STATE_ONLY:
         tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], h, mask=md[:, None])
@@ -305,7 +308,7 @@ def _seqk_body(
                             f = tl.atomic_add(fp, 0, sem="acquire")
                 Sg = tl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :], mask=md[:, None] & keep, other=0.0, cache_modifier=".cg")
                 dsg = tl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0, cache_modifier=".cg")
-                h = tl.where(keep, tl.exp2(A * dsg[:, None]) * h + Sg, h)
+                h = tl.where(keep, exp2_fma(A * dsg[:, None]) * h + Sg, h)
         if FUSED:
             # the last reader of each flag resets it (and its reader count) for the next launch
             for gp in range(0, GM1):
@@ -385,7 +388,7 @@ def _seqk_body(
             dtk = tl.sum(tl.where(sel, dtc, 0.0), axis=1)
             xk = tl.sum(tl.where(sel, dtu, 0.0), axis=1)
             Bk = tl.sum(tl.where(sel, Bc, 0.0), axis=1)
-            h = tl.exp2(dtk[:, None] * A) * h + xk[:, None] * Bk[None, :]
+            h = exp2_fma(dtk[:, None] * A) * h + xk[:, None] * Bk[None, :]
             if not STATE_ONLY:
                 Ck = tl.sum(tl.where(sel, Cc, 0.0), axis=1)
                 yk = tl.sum(h * Ck[None, :], axis=1)
@@ -398,7 +401,7 @@ def _seqk_body(
                 yt += uc * Dv[:, None]
             if HAS_Z:
                 zv = tl.load(z_base + tt[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
-                yt = yt * zv / (1.0 + tl.exp2(-zv * 1.4426950408889634))
+                yt = tl.div_rn(yt * zv, 1.0 + exp2_fma(-zv * 1.4426950408889634))
             tl.store(y_base + tt[None, :] * s_yl, yt.to(y_ptr.dtype.element_ty), mask=m2)
     if STATE_ONLY:
         tl.store(S_ptr + ((b * G + g) * D_ + offs_d[:, None]) * NP + offs_n[None, :], h, mask=md[:, None])
@@ -493,7 +496,9 @@ def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> di
     if _gluon_ok(device_index):
         from . import scan_gluon
 
-        return scan_gluon.choose_config(bsz, d, L, n, _sm_count(device_index))
+        from ..config import scan_exp
+
+        return scan_gluon.choose_config(bsz, d, L, n, _sm_count(device_index), scan_exp())
     return dict(_choose_config(bsz, d, L, n, device_index))
 
 
