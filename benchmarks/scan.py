@@ -421,7 +421,7 @@ def _cuda_graph_ms(fn, ids):
 
 
 def e2e_rows(args):
-    """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=["scan"]).
+    """HF Mamba 130m-shape forward: eager slow path vs fxopt.optimize(passes=--e2e-passes).
 
     Per row: eager (one timed call after a warm-up), fxopt (do_bench median of the
     optimized module called from Python; and steady state: 20 back-to-back calls) and fxopt
@@ -452,7 +452,7 @@ def e2e_rows(args):
                 torch.cuda.synchronize()
                 eager_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                opt = fxopt.optimize(model, (ids,), passes=["scan"])
+                opt = fxopt.optimize(model, (ids,), passes=args.e2e_passes.split(","))
                 optimize_s = time.perf_counter() - t0
                 logits = _logits(opt(ids))
                 torch.cuda.synchronize()
@@ -480,7 +480,7 @@ def e2e_rows(args):
                        optimize_s=optimize_s, max_abs_logit=ref32.abs().max().item(),
                        eager_err_vs_fp32=(ref.float() - ref32).abs().max().item(),
                        fxopt_err_vs_fp32=(logits.float() - ref32).abs().max().item(),
-                       notes=opt.report().notes)
+                       passes=args.e2e_passes, matches=opt.report().matches, notes=opt.report().notes)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model, opt
@@ -523,6 +523,7 @@ def main(argv=None):
                    help="with --contract: regimes of exp(delta A): test mamba-init slow still fast")
     p.add_argument("--gs", type=int, nargs="*", default=None, help="tune: group counts to try")
     p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--e2e-passes", default="scan,cleanup", help="comma-separated passes for the end-to-end rows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

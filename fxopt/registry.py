@@ -18,11 +18,12 @@ PassSpec = Union[str, Pass]
 _REGISTRY: dict[str, PassFactory] = {}
 
 # Library pass families, imported on first use so that ``import fxopt`` stays cheap.
-_BUILTIN_MODULES = ("fxopt.passes.scan", "fxopt.passes.addcmul", "fxopt.passes.residual_add")
+_BUILTIN_MODULES = ("fxopt.passes.scan", "fxopt.passes.addcmul", "fxopt.passes.residual_add", "fxopt.passes.cleanup")
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
-# bodies, so the other order works too).
-DEFAULT_PASSES: tuple[str, ...] = ("scan", "addcmul", "residual_add")
+# bodies, so the other order works too). cleanup runs last: the others may leave identity
+# casts behind, and it only removes calls that compute nothing.
+DEFAULT_PASSES: tuple[str, ...] = ("scan", "addcmul", "residual_add", "cleanup")
 _builtins_loaded = False
 
 
