@@ -60,7 +60,7 @@ RULES = tuple((fn.__name__.lstrip("_"), fn, f"{__file__}:{fn.__code__.co_firstli
 
 
 class CleanupPass(Pass):
-    """Drop metadata checks on computed values and identity dtype casts (see the module doc)."""
+    """Drop export's metadata checks on computed values and identity dtype casts (bitwise)."""
 
     name = "cleanup"
     fixpoint = False  # one walk removes every instance; nothing it does creates another
