@@ -95,19 +95,26 @@ def kernel_rows(args, bw):
             g_fx = do_bench_cudagraph(lambda: st.selective_scan_triton(*x))
             row = dict(shape=[b, L, d, n], dtype=str(dtype).split(".")[-1], fxopt_ms=t_fx, fxopt_gpu_ms=g_fx, correct=ok,
                        rel_err=rel, config=cfg)
+            # where a Python call's time goes: the GPU's with cold L2 (a CUDA-graph replay under
+            # do_bench, which flushes L2 before each call) and the host's per call
+            row["fxopt_cold_gpu_ms"] = _graph_cold_ms(lambda: st.selective_scan_triton(*x))
+            row["host_us"] = _host_us(lambda: st.selective_scan_triton(*x))
             fb = floor_bytes(b, L, d, n, x[0].element_size())
             row["floor_ms"] = fb / bw * 1e3
             row["frac_floor"] = row["floor_ms"] / t_fx
             row["peer_mamba_ssm_ms"] = PEER_MS.get((b, L, d, n))
-            # the opt-in SFU exp (FXOPT_SCAN_EXP=sfu): faster, within the contract as measured only
+            row["exp"] = cfg.get("exp")
+            # the other exp mode (FXOPT_SCAN_EXP): on the H100 the default (auto) is sfu and the other fma
+            alt = "fma" if cfg.get("exp") == "sfu" else "sfu"
             prev = os.environ.get("FXOPT_SCAN_EXP")
-            os.environ["FXOPT_SCAN_EXP"] = "sfu"
+            os.environ["FXOPT_SCAN_EXP"] = alt
             try:
                 y, _ = st.selective_scan_triton(*x)
-                row["sfu_correct"] = check(y, ref, f"fxopt sfu-exp {b,L,d,n}")[0]
-                row["sfu_ms"] = do_bench(lambda: st.selective_scan_triton(*x))
-                row["sfu_gpu_ms"] = do_bench_cudagraph(lambda: st.selective_scan_triton(*x))
-                row["sfu_frac_floor"] = row["floor_ms"] / row["sfu_ms"]
+                row["alt_exp"] = alt
+                row["alt_correct"] = check(y, ref, f"fxopt {alt}-exp {b,L,d,n}")[0]
+                row["alt_ms"] = do_bench(lambda: st.selective_scan_triton(*x))
+                row["alt_gpu_ms"] = do_bench_cudagraph(lambda: st.selective_scan_triton(*x))
+                row["alt_frac_floor"] = row["floor_ms"] / row["alt_ms"]
             finally:
                 if prev is None:
                     os.environ.pop("FXOPT_SCAN_EXP")
@@ -135,6 +142,35 @@ def kernel_rows(args, bw):
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def _graph_cold_ms(fn):
+    """GPU time of ``fn`` with a cold L2: its CUDA graph replayed by do_bench (which flushes L2
+    before every call; a replay's host cost is a few microseconds)."""
+    from triton.testing import do_bench
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay)
+
+
+def _host_us(fn, calls=200):
+    """Host time of one call of ``fn`` (calls issued back to back, not waited for)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def _parse_specs(blocks):
@@ -244,15 +280,17 @@ def compare(args, bw):
                 times[i].append(do_bench(lambda: st.selective_scan_triton(*x, config=c), return_mode="median"))
         for i, c in enumerate(cands):
             g = do_bench_cudagraph(lambda: st.selective_scan_triton(*x, config=c), return_mode="median")
+            cold = _graph_cold_ms(lambda: st.selective_scan_triton(*x, config=c))
             cfg = c if c is not None else dict(st.choose_config(b, d, L, n), default=True)
-            row = dict(shape=[b, L, d, n], cfg=cfg, ms=min(times[i]), ms_rounds=times[i], graph_ms=g, ok=ok[i], floor_ms=floor_ms)
+            row = dict(shape=[b, L, d, n], cfg=cfg, ms=min(times[i]), ms_rounds=times[i], graph_ms=g, cold_graph_ms=cold,
+                       ok=ok[i], floor_ms=floor_ms)
             table.append(row)
             print(json.dumps(row), flush=True)
-    print(f"{'shape':22} {'ms(min med)':>11} {'rounds':>26} {'graph':>7} {'peer':>6} ok  cfg")
+    print(f"{'shape':22} {'ms(min med)':>11} {'rounds':>26} {'graph':>7} {'cold':>7} {'peer':>6} ok  cfg")
     for r in table:
         shp = tuple(r["shape"])
         c = {k: v for k, v in r["cfg"].items() if k not in ("kind", "num_stages")}
-        print(f"{str(shp):22} {r['ms']:11.4f} {' '.join('%.4f' % t for t in r['ms_rounds']):>26} {r['graph_ms']:7.4f} "
+        print(f"{str(shp):22} {r['ms']:11.4f} {' '.join('%.4f' % t for t in r['ms_rounds']):>26} {r['graph_ms']:7.4f} {r['cold_graph_ms']:7.4f} "
               f"{PEER_MS.get(shp, 0):6.3f} {'y' if r['ok'] else 'N'}  {json.dumps(c)}")
     return table
 
@@ -516,7 +554,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-host", action="store_true", help="with --check: cProfile 200 default calls")
     p.add_argument("--check", action="store_true", help="GPU correctness (fp32/bf16, D, z, h0, repeated) + host time")
-    p.add_argument("--profile-e2e", type=int, default=0, help="L: cProfile the optimized HF Mamba forward at this length")
+    p.add_argument("--profile-e2e", type=int, default=0, help="L: profile the optimized HF Mamba forward's host time at this length")
+    p.add_argument("--profile-dtype", default="float32", help="with --profile-e2e: the model's dtype")
     p.add_argument("--once", default=None, help="'b,L,d,n': run that shape three times (for ncu); --cfg JSON config")
     p.add_argument("--cfg", default=None)
     p.add_argument("--contract", action="store_true", help="the op's fp64_relative contract over shapes/dtypes/layouts")
@@ -553,50 +592,32 @@ def main(argv=None):
         torch.cuda.synchronize()
         return 0
     if args.profile_e2e:  # host-time profile of the optimized HF Mamba forward
-        import cProfile
-        import pstats
-
         import transformers
 
         import fxopt
         from fxopt.models.hf import mamba_130m_config
 
-        model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda")
+        dtype = getattr(torch, args.profile_dtype)
+        model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda", dtype)
         ids = torch.randint(0, 50280, (1, args.profile_e2e), device="cuda")
         with torch.no_grad():
-            opt = fxopt.optimize(model, (ids,), passes=["scan"])
+            opt = fxopt.optimize(model, (ids,), passes=args.e2e_passes.split(","))
             for _ in range(3):
                 opt(ids)
             torch.cuda.synchronize()
-            from triton.testing import do_bench
-
-            from fxopt.codegen import scan_triton as st
-
-            b_, L_ = ids.shape
-            d_, n_ = 1536, 16
-            for name, cfg in (("default", None), ("gluon G=1", dict(st.choose_config(b_, d_, L_, n_), G=1, TPC=4, W=1)),
-                              ("seqk", dict(st._choose_config(b_, d_, L_, n_, 0)))):
-                st._CONFIG_OVERRIDE.clear()
-                if cfg:
-                    st._CONFIG_OVERRIDE.update(cfg)
+            t0 = time.perf_counter()
+            for _ in range(10):
                 opt(ids)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    opt(ids)
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                t2 = time.perf_counter()
-                print(f"{name:10} do_bench {do_bench(lambda: opt(ids), warmup=5, rep=100):8.2f} ms   host {(t1 - t0) * 100:7.2f} ms"
-                      f"   wall {(t2 - t0) * 100:7.2f} ms per forward", flush=True)
-            st._CONFIG_OVERRIDE.clear()
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(5):
-                opt(ids)
+            t1 = time.perf_counter()
             torch.cuda.synchronize()
-            pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+            t2 = time.perf_counter()
+            print(f"{args.profile_dtype} L={args.profile_e2e}: host {(t1 - t0) * 100:.2f} ms, wall {(t2 - t0) * 100:.2f} ms "
+                  f"per forward; {len(opt.graph_module.graph.nodes)} nodes", flush=True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    opt(ids)
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return 0
     if args.check:
         result["check_failures"] = check_mode(args)
@@ -619,18 +640,21 @@ def main(argv=None):
 
 
 def print_table(rows):
-    """fxopt: the default (exp on the FMA pipe, contract by construction); sfu: FXOPT_SCAN_EXP=sfu.
-    ms: called from Python (do_bench); gpu: replayed from a CUDA graph."""
-    hdr = (f"{'shape (b,L,d,n)':22} {'dtype':8} {'eager ms':>10} {'compile ms':>10} {'compile s':>9} {'fxopt ms':>9} "
-           f"{'gpu':>7} {'% floor':>8} {'sfu ms':>8} {'gpu':>7} {'% floor':>8} {'floor ms':>9} {'mamba_ssm':>9}")
+    """fxopt: the default exp mode (FXOPT_SCAN_EXP=auto: sfu on the H100, the calibrated SFU exp);
+    other: the other mode (fma: the FMA-pipe exp, contract by construction).
+    ms: called from Python (do_bench, L2 flushed before each call); gpu: replayed from a CUDA graph
+    (L2 warm); cold: a CUDA-graph replay under do_bench (L2 flushed); host us: host time per call."""
+    hdr = (f"{'shape (b,L,d,n)':22} {'dtype':8} {'eager ms':>10} {'compile ms':>10} {'compile s':>9} {'exp':>4} {'fxopt ms':>9} "
+           f"{'gpu':>7} {'cold':>7} {'host us':>7} {'% floor':>8} {'other':>5} {'ms':>8} {'gpu':>7} {'% floor':>8} {'floor ms':>9} "
+           f"{'mamba_ssm':>9}")
     print(hdr)
     for r in rows:
         f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else "-"  # noqa: E731
         print(f"{str(tuple(r['shape'])):22} {r['dtype']:8} {f('eager_ms', '%10.2f'):>10} {f('compiled_ms', '%10.3f'):>10} "
-              f"{f('compile_s', '%9.1f'):>9} {r['fxopt_ms']:9.4f} {f('fxopt_gpu_ms', '%7.4f'):>7} {100 * r['frac_floor']:7.1f}% "
-              f"{f('sfu_ms', '%8.4f'):>8} {f('sfu_gpu_ms', '%7.4f'):>7} {100 * r.get('sfu_frac_floor', float('nan')):7.1f}% "
+              f"{f('compile_s', '%9.1f'):>9} {r.get('exp', '-'):>4} {r['fxopt_ms']:9.4f} {f('fxopt_gpu_ms', '%7.4f'):>7} "
+              f"{f('fxopt_cold_gpu_ms', '%7.4f'):>7} {f('host_us', '%7.1f'):>7} {100 * r['frac_floor']:7.1f}% {r.get('alt_exp', '-'):>5} "
+              f"{f('alt_ms', '%8.4f'):>8} {f('alt_gpu_ms', '%7.4f'):>7} {100 * r.get('alt_frac_floor', float('nan')):7.1f}% "
               f"{r['floor_ms']:9.4f} {f('peer_mamba_ssm_ms', '%9.3f'):>9}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

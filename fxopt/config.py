@@ -13,11 +13,13 @@ Every knob is read when asked for (not at import), so tests can set variables wi
 | FXOPT_FUZZ_EXAMPLES         | examples for the fuzz tests                          | 200                  |
 | FXOPT_HYPOTHESIS_PROFILE    | hypothesis profile for the tests (ci, dev)           | ci                   |
 | FXOPT_PROGRESS              | print capture progress for long captures (0/1)       | 1 when stderr is tty |
-| FXOPT_SCAN_EXP              | exp in the GPU selective scan: fma (<= 1 ulp, no     | fma                  |
-|                             | bias, by construction) or sfu (the special-function  |                      |
-|                             | unit, bias-corrected; within the contract as         |                      |
-|                             | measured on the H100, ~1.5-1.9x faster at large      |                      |
-|                             | sizes; see fxopt/codegen/exp2.py)                    |                      |
+| FXOPT_SCAN_EXP              | exp(delta A) in the GPU selective scan: auto (sfu    | auto                 |
+|                             | on GPUs where its bias correction was calibrated:    |                      |
+|                             | sm_90; fma elsewhere), fma (FMA-pipe polynomial,     |                      |
+|                             | <= 1 ulp, unbiased: the contract by construction) or |                      |
+|                             | sfu (the special-function unit, bias-corrected:      |                      |
+|                             | within the contract as measured, ~1.5x faster at     |                      |
+|                             | large sizes); see fxopt/codegen/exp2.py              |                      |
 """
 from __future__ import annotations
 
@@ -70,12 +72,13 @@ def get_config() -> Config:
     )
 
 
-SCAN_EXP_CHOICES = ("fma", "sfu")
+SCAN_EXP_CHOICES = ("auto", "fma", "sfu")
 
 
 def scan_exp() -> str:
-    """FXOPT_SCAN_EXP: how the GPU selective-scan kernel evaluates exp(delta A) (read per call)."""
-    raw = os.environ.get("FXOPT_SCAN_EXP", "fma").strip().lower() or "fma"
+    """FXOPT_SCAN_EXP: how the GPU selective-scan kernel evaluates exp(delta A) (read per call;
+    ``auto`` is resolved per device by :func:`fxopt.codegen.scan_gluon.resolve_exp`)."""
+    raw = os.environ.get("FXOPT_SCAN_EXP", "auto").strip().lower() or "auto"
     if raw not in SCAN_EXP_CHOICES:
         from .errors import FxoptError
 
@@ -97,6 +100,18 @@ except AttributeError:  # pragma: no cover - non-CPython
 
     def backend_raw():
         return os.environ.get("FXOPT_BACKEND")
+
+
+try:
+    _SCAN_EXP_KEY = os.environ.encodekey("FXOPT_SCAN_EXP")  # type: ignore[attr-defined]
+
+    def scan_exp_raw():
+        """FXOPT_SCAN_EXP as stored (bytes or None): a cheap cache-key component."""
+        return _ENV_DATA.get(_SCAN_EXP_KEY)
+except (AttributeError, NameError):  # pragma: no cover - non-CPython
+
+    def scan_exp_raw():
+        return os.environ.get("FXOPT_SCAN_EXP")
 
 
 def backend() -> str:

@@ -24,11 +24,31 @@ Special values, by the clamp ``t in [-127, 128]`` (NaN-propagating): ``k = -127`
 ``s = +0.0`` (so ``t <= -126.5`` flushes to zero, as ``ex2.approx.ftz`` does), ``k = 128`` gives
 ``s = +inf``; NaN stays NaN (``NaN * s``).
 
-Two copies of the same arithmetic: :func:`exp2_fma` (plain Triton) and :func:`exp2_fma_gluon`
-(a Gluon kernel cannot call a Triton function); :func:`exp2_fma_ref` (PyTorch) is what both are
-tested against, and is itself tested against fp64 (tests/test_exp2.py).
+:func:`exp2_fma` (plain Triton: the interpreter and pre-sm_80 kernels) is tested against
+:func:`exp2_fma_ref` (PyTorch), itself tested against fp64 (tests/test_exp2.py).
 
 Coefficients of ``q`` (fp32, relative-minimax fit of ``(2^f - 1) / f`` on [-1/2, 1/2]).
+
+``2^(x y)`` for the Gluon kernel (:func:`exp2_mul_gluon`, beside :func:`exp2_mul_ref`), every
+exp the scan takes being of a product (``delta * A log2 e``, ``-z log2 e``): the same polynomial
+(a second copy of it: a Gluon kernel cannot call a Triton function) in 12 instructions instead of 14 plus the product's multiply, within 1.06 ulp of 2^(x y) of the
+exact product (64M scan-shaped pairs; ``exp2_fma`` of the rounded product is off by up to
+``|x y| / 2`` ulp more), mean +0.03 ulp::
+
+    j = fma(x, y, 1.5 * 2^23)   # k = round(x y) of the exact product, one rounding
+    k = j - 1.5 * 2^23
+    f = fma(x, y, -k)           # x y - k, one rounding (no rounding of x y first: more accurate)
+    p = min(1 + f q(f), 2)      # see below
+    2^(x y) = p * ex2(k)        # MUFU.EX2 at an integer is exact (2^k), flushes k <= -127 to
+                                # zero and gives inf from k = 128: no clamp of the argument
+
+For |x y| < 2^22, f is in [-1/2, 1/2] and p in [0.70, 1.42]: the ``min`` changes nothing. Beyond,
+2^k is 0 or inf and only p's sign matters, but f (the rounding error of a huge k) can be large:
+the polynomial is positive on the whole real line (its minimum is 0.147, at f = -3.17) and may
+overflow to +inf, and a NaN f comes from x y = +-inf; ``min(p, 2)`` maps both to 2, so the
+product is 0, inf or (x y NaN) NaN, never inf * 0. That ``min`` relies on the GPU's ``min.f32``
+returning the number next to a NaN; the Triton interpreter's ``minimum`` propagates NaN, so the
+plain-Triton kernels (which the interpreter runs) keep :func:`exp2_fma`.
 """
 from __future__ import annotations
 
@@ -67,6 +87,28 @@ def exp2_fma_ref(t: Tensor) -> Tensor:
     return p * s
 
 
+def exp2_mul_ref(x: Tensor, y: Tensor | float, ftz: bool = True) -> Tensor:
+    """``2^(x y)`` as :func:`exp2_mul_gluon` computes it (fp32 inputs; fp64 holds every fp32
+    product exactly, so each FMA is emulated with one rounding). ``ftz=False``: ``ex2(k)`` keeps
+    subnormal powers (2^-149 .. 2^-127), as a non-flushing exp2 would."""
+    x = x.float()
+    y = torch.as_tensor(y, dtype=torch.float32)
+    prod = x.double() * y.double()  # exact
+    small = prod.abs() < 2.0 ** 22
+    # j = RN(prod + 1.5 * 2^23): for |prod| < 2^22 that is round-half-even(prod) + 1.5 * 2^23 exactly
+    j = torch.where(small, torch.round(prod) + 12582912.0, prod + 12582912.0).float()
+    k = j - 12582912.0
+    f = (prod - k.double()).float()
+    p = torch.full_like(f, _Q[5])
+    for c in _Q[4::-1] + (1.0,):
+        p = _fma(p, f, c)
+    p = torch.fmin(p, torch.tensor(2.0))
+    s = torch.exp2(k)
+    if ftz:
+        s = torch.where(k < -126.0, torch.zeros_like(s), s)
+    return p * s
+
+
 def _fma(a: Tensor, b: Tensor, c: float) -> Tensor:
     # one rounding, like the hardware FMA (fp64 holds the fp32 product exactly)
     return (a.double() * b.double() + c).float()
@@ -90,17 +132,15 @@ def exp2_fma(t):
 
 
 @gluon.jit
-def exp2_fma_gluon(t):
-    """2^t (fp32) on the FMA pipe; the same arithmetic as :func:`exp2_fma`."""
-    t = gl.minimum(gl.maximum(t, LO, propagate_nan=tl.PropagateNan.ALL), HI, propagate_nan=tl.PropagateNan.ALL)
-    j = t + ROUND
+def exp2_mul_gluon(x, y):
+    """2^(x y) (fp32) in 12 instructions, 1 of them on the SFU (exact there); see the module docstring."""
+    j = gl.fma(x, y, ROUND)
     k = j - ROUND
-    f = t - k
+    f = gl.fma(x, y, k * -1.0)  # (`-k` would be `0 - k`: an FADD)
     p = gl.fma(f, Q5, Q4)
     p = gl.fma(p, f, Q3)
     p = gl.fma(p, f, Q2)
     p = gl.fma(p, f, Q1)
     p = gl.fma(p, f, Q0)
-    p = gl.fma(p, f, 1.0)
-    s = ((j.to(gl.int32, bitcast=True) << 23) + ONE_BITS).to(gl.float32, bitcast=True)
-    return p * s
+    p = gl.minimum(gl.fma(p, f, 1.0), 2.0)
+    return p * gl.exp2(k)

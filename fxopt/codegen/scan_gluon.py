@@ -21,8 +21,8 @@ and the n states of a channel over lanes (~570 warp shuffles per 8 steps). Here 
 
 What limits it (ncu, H100, b4 l2048 d5120 n16): with the SFU exp, the shared-memory / L1 pipe
 (each lane reads 2 * SPL floats of B and C per step) and the exp unit (one MUFU.EX2 per state per
-step), with ~10 warps per SM (the problem has 1280); with the default FMA-pipe exp, instruction
-issue (~14 instructions per exp: the loop is 2.3x longer). See BENCHMARKS.md.
+step), with ~10 warps per SM (the problem has 1280); with the FMA-pipe exp, mostly instruction
+issue (12 instructions per exp: 1 307 per 16-step loop against 1 139). See BENCHMARKS.md.
 
 The sequence may be cut into ``G`` groups (few b*d channels): a pre-pass computes each group's end
 state from zero and its delta sum, the main pass folds those of the groups before it into its
@@ -30,12 +30,20 @@ carry-in (``h = exp(A sum delta) h + S``). The pre-pass is a separate launch by 
 ``FUSED`` both passes are one launch whose program ids come from an atomic ticket (see
 ``_ssm_kernel``; measured slower than two launches on the H100).
 
-State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs. ``exp(x)`` is ``2^(x log2 e)`` by
-:func:`fxopt.codegen.exp2.exp2_fma_gluon` (FMA pipe, <= 1 ulp, unbiased): the SFU's exp2
-(MUFU.EX2, ~2 ulp, biased low) made the error to an fp64 loop up to 5.7x the eager loop's, over
-the contract's 2x. ``FXOPT_SCAN_EXP=sfu`` (``EXP_SFU``) selects the SFU with a calibrated bias
-correction (:data:`SFU_EXP_BIAS`): faster, within the contract as measured, not by construction.
-The silu(z) epilogue uses ``exp2_fma`` and a correctly rounded division in both modes.
+State and arithmetic in fp32 for fp32 / fp16 / bf16 inputs. Two ways to take ``exp(dt A)``
+(``EXP_SFU``; ``FXOPT_SCAN_EXP``, resolved per GPU by :func:`resolve_exp`):
+
+* ``fma``: ``2^(dt * A log2 e)`` by :func:`fxopt.codegen.exp2.exp2_mul_gluon`, a polynomial on the
+  FMA pipe, <= 1 ulp of the exact product's power and unbiased: the contract holds by construction.
+  Costs ~12 instructions per state and step; the loop is then issue-bound.
+* ``sfu``: one MUFU.EX2 of ``fma(dt, A log2 e, bias)``. The SFU's exp2 is ~2 ulp and biased low;
+  uncorrected, its bias adds up along a long memory and the error to an fp64 loop reached 5.7x the
+  eager loop's (the contract allows 2x). The calibrated bias (:data:`SFU_EXP_BIAS`) centres it:
+  within the contract as measured (<= 0.75 of the bound), not by construction; ~1.5x faster.
+  ``auto`` (the default) takes it on the GPUs it was calibrated on (:data:`SFU_CALIBRATED`).
+
+The group carry and the silu(z) epilogue use ``exp2_mul_gluon`` (and a correctly rounded division)
+in both modes.
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from ..ops.scan import selective_scan_ref
-from .exp2 import exp2_fma_gluon
+from .exp2 import exp2_mul_gluon
 from .launch import compiled_kernel, run_compiled
 
 selective_scan_gluon_ref = selective_scan_ref
@@ -65,6 +73,24 @@ LOG2E = 1.4426950408889634
 # bound, where 0 and 3e-8 fail it. A measurement, not a proof: the default (fma) is exact to 1 ulp
 # by construction.
 SFU_EXP_BIAS = 2e-8
+
+# GPUs (compute capability) whose MUFU.EX2 bias the correction above was calibrated on. There
+# FXOPT_SCAN_EXP=auto (the default) picks the SFU exp: the issue's speed targets need it (the
+# FMA-pipe exp makes the loop issue-bound, ~1.5x slower at b4 l2048 d5120) and the contract holds
+# with a margin (<= 0.75 of the bound over 420 GPU checks). Elsewhere auto picks the FMA-pipe exp,
+# whose accuracy does not depend on the hardware's exp unit; add an entry after running
+# ``benchmarks/scan.py --contract --contract-dists test mamba-init slow still fast --contract-cfg
+# '{"exp": "sfu"}'`` on that GPU.
+SFU_CALIBRATED = {(9, 0): SFU_EXP_BIAS}
+
+
+def resolve_exp(mode: str, capability: tuple) -> str:
+    """The exp mode a launch on a GPU of this compute capability uses: ``auto`` is ``sfu`` where
+    the SFU's bias correction was calibrated (:data:`SFU_CALIBRATED`), else ``fma``; explicit
+    ``fma`` / ``sfu`` are kept (``sfu`` then uses the sm_90 correction)."""
+    if mode != "auto":
+        return mode
+    return "sfu" if tuple(capability) in SFU_CALIBRATED else "fma"
 
 
 @gluon.jit
@@ -147,7 +173,7 @@ def _body(
                 Sg = gl.load(S_ptr + ((b * G + gp) * D_ + offs_d[:, None]) * NP + offs_n[None, :],
                              mask=md[:, None] & keep, other=0.0, cache_modifier=".cg")
                 dsg = gl.load(ds_ptr + (b * G + gp) * D_ + offs_d, mask=md & keep, other=0.0, cache_modifier=".cg")
-                h = gl.where(keep, exp2_fma_gluon(A * dsg[:, None]) * h + Sg, h)
+                h = gl.where(keep, exp2_mul_gluon(A, dsg[:, None]) * h + Sg, h)
         if FUSED:
             # the last reader of each flag resets it (and its reader count) for the next launch
             for gp in range(0, GM1):
@@ -248,6 +274,8 @@ def _body(
         dtc = sT.index(stage).load(LT).to(gl.float32)
         uc = sU.index(stage).load(LT).to(gl.float32)
         dtu = dtc * uc
+        dtc_i = dtc.to(gl.int32, bitcast=True)
+        dtu_i = dtu.to(gl.int32, bitcast=True)
         yt = gl.zeros([BD, K], gl.float32, LT)
         sBc = sB.index(stage)
         if not STATE_ONLY:
@@ -255,13 +283,14 @@ def _body(
         for k in gl.static_range(K):
             sel = (tk == k)[None, :]
             # step k out of the tiles: in-thread
-            dtk = gl.convert_layout(gl.sum(gl.where(sel, dtc, -0.0), axis=1), LSD, assert_trivial=True)
-            xk = gl.convert_layout(gl.sum(gl.where(sel, dtu, -0.0), axis=1), LSD, assert_trivial=True)
+            # (as integers: x + 0 folds away where the float sum left one FADD per value)
+            dtk = gl.convert_layout(gl.sum(gl.where(sel, dtc_i, 0), axis=1), LSD, assert_trivial=True).to(gl.float32, bitcast=True)
+            xk = gl.convert_layout(gl.sum(gl.where(sel, dtu_i, 0), axis=1), LSD, assert_trivial=True).to(gl.float32, bitcast=True)
             Bk = sBc.slice(k, 1).load(LS).to(gl.float32)               # [1, NP], broadcast read
             if EXP_SFU:  # one MUFU.EX2 of the bias-corrected argument (see SFU_EXP_BIAS)
                 dA = gl.exp2(gl.fma(dtk[:, None], A, SFU_BIAS))
             else:  # exp(dt A) = 2^(dt A log2 e) within 1 ulp, unbiased, on the FMA pipe
-                dA = exp2_fma_gluon(dtk[:, None] * A)
+                dA = exp2_mul_gluon(dtk[:, None], A)
             h = dA * h + xk[:, None] * Bk
             if not STATE_ONLY:
                 Ck = sCc.slice(k, 1).load(LS).to(gl.float32)
@@ -278,7 +307,7 @@ def _body(
                 ye += sU.index(stage).load(LE).to(gl.float32) * Dv[:, None]
             if HAS_Z:
                 ze = sZ.index(stage).load(LE).to(gl.float32)
-                ye = gl.div_rn(ye * ze, 1.0 + exp2_fma_gluon(-ze * 1.4426950408889634))
+                ye = gl.div_rn(ye * ze, 1.0 + exp2_mul_gluon(ze, -1.4426950408889634))
             gl.store(y_base + tt[None, :] * s_yl, ye.to(y_ptr.dtype.element_ty), mask=m2)
         stage = (stage + 1) % STAGES
     async_copy.wait_group(0)
@@ -353,6 +382,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return tuple(torch.cuda.get_device_capability(device_index))
+
+
 def supported(device: torch.device) -> bool:
     """Gluon kernels need a CUDA device with async copies (sm_80+) and a compiler, not the interpreter."""
     import os
@@ -369,6 +403,9 @@ def lanes_per_channel(n: int) -> int:
 
 
 def choose_config(bsz: int, d: int, L: int, n: int, sms: int, exp: str = "fma") -> dict:
+    """Launch choice for a scan of this size on a GPU with ``sms`` SMs, ``exp`` resolved (fma / sfu)."""
+    if exp not in ("fma", "sfu"):
+        raise ValueError(f"exp must be resolved to 'fma' or 'sfu' (resolve_exp), got {exp!r}")
     return dict(_choose_config(bsz, d, L, n, sms, exp))
 
 
@@ -379,8 +416,9 @@ def _choose_config(bsz: int, d: int, L: int, n: int, sms: int, exp: str) -> dict
     sequence is not split and two warps share a program (one copy of each B / C chunk for both);
     otherwise it is cut into groups of >= 128 steps until there are ~8 warps per SM, with the
     pre-pass as its own launch (measured faster than the fused, ticketed launch). States per lane:
-    8 with the SFU exp; 4 with the FMA-pipe exp (``exp="fma"``: ~14 instructions per exp, so more
-    lanes share the work: b4 l2048 d5120 0.65 -> 0.52 ms, b1 d1536 0.094 -> 0.087 ms)."""
+    8 with the SFU exp; 4 with the FMA-pipe exp (``exp="fma"``: 12 instructions per exp, so more
+    lanes share the work: b4 l2048 d5120 0.65 -> 0.52 ms, b1 d1536 0.094 -> 0.087 ms). Short and
+    narrow: 8 lanes per channel in both modes (b1 l512 d1536 sfu: 0.0286 against 0.0309 ms with 4)."""
     NP = _next_pow2(max(n, 1))
     tpc = lanes_per_channel(n)
     if exp == "fma":
@@ -388,8 +426,9 @@ def _choose_config(bsz: int, d: int, L: int, n: int, sms: int, exp: str) -> dict
     warps = bsz * -(-d // (32 // tpc))
     K = 16 if L >= 64 else 8
     if warps < 8 * sms and L < 1024:
-        # short and narrow: one launch (host time dominates), twice the lanes per channel for more warps
-        return dict(kind="gluon", TPC=min(2 * tpc, NP, 8), M=1, W=1, K=K, STAGES=3, G=1, fused=False, exp=exp)
+        # short and narrow: one launch (host time dominates), 8 lanes per channel for more warps
+        # (b1 l512 d1536, sfu: 0.0292 ms against 0.0313 with 4 lanes)
+        return dict(kind="gluon", TPC=min(NP, 8), M=1, W=1, K=K, STAGES=3, G=1, fused=False, exp=exp)
     G = 1
     while warps * G < 8 * sms and G * 2 <= min(32, L // 128):
         G *= 2
@@ -431,17 +470,23 @@ def _unit_l(t):
 def _bc_ok(t, wide_n: bool):
     """B / C as the kernel copies them: 16-bit only when unit-stride along n with >= 2 states per
     lane, the other strides divisible by 16 elements, aligned; else an fp32 copy (b*n*l: small)."""
+    if t.element_size() == 4:
+        return t
     sb, _, sl = _strides(t)
-    if t.element_size() == 4 or (t.stride(1) == 1 and wide_n and _div16(sb, sl) and _aligned(t)):
+    if t.stride(1) == 1 and wide_n and _div16(sb, sl) and _aligned(t):
         return t
     return t.float()
 
 
-def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buffer):
+def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buffer, plan_sink=None):
     """Launch ``_ssm_kernel`` (see the module docstring) writing ``y`` (b, d, l) and ``hl`` (b, d, n),
     with ``h0`` None or fp32 (b, d, n) contiguous. The compiled kernel is cached per exact
     (shapes, strides, dtypes, 16-byte alignment, config), a superset of what Triton specialises on,
-    and launched directly: the JIT's argument binding costs tens of microseconds per call."""
+    and launched directly: the JIT's argument binding costs tens of microseconds per call.
+
+    ``plan_sink``: called with a :class:`LaunchPlan` that repeats this call for inputs of the same
+    signature (the caller keys it; see ``scan_triton.selective_scan_triton``). None when the
+    kernel declines the layout (the caller falls back)."""
     bsz, d, L = u.shape
     n = A.shape[-1]
     NP = _next_pow2(max(n, 1))
@@ -450,56 +495,47 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
     # async copies move 4, 8 or 16 bytes per piece: 16-bit tiles must be unit-stride along l with
     # K / TPC >= 2 and whole pieces inside the sequence; 16-bit B / C unit-stride along n with >= 2
     # states per lane (else they are read as fp32 copies: b*n*l, small)
-    if any(t is not None and t.element_size() < 4 for t in (u, delta, z)):
+    tiles16 = any(t is not None and t.element_size() < 4 for t in (u, delta, z))
+    if tiles16:
         if L % 16 or K < 2 * TPC:
             return None
         u, delta, z = (_unit_l(t) for t in (u, delta, z))
     n_even = n == NP
-    B, C = (_bc_ok(t, n_even and NP // TPC >= 2) for t in (B, C))
+    wide = n_even and NP // TPC >= 2
+    B, C = (_bc_ok(t, wide) for t in (B, C))
     BD = M * (32 // TPC) * W
     LG = -(-(-(-L // cfg["G"])) // K) * K
     G = -(-L // LG)
     nblk = -(-d // BD)
     fused = bool(cfg.get("fused", False)) and G > 1
-    if G > 1:
-        buf = torch.empty(bsz * G * d * (NP + 1), dtype=torch.float32, device=u.device)  # one allocation
-        S, ds = buf[: bsz * G * d * NP], buf[bsz * G * d * NP:]
-    else:
-        S = ds = hl
-    flags = cnts = hl
-    if fused:
-        flags = flag_buffer(u.device, 2 * bsz * (G - 1) * nblk + 1)  # flags, reader counts, ticket
-        cnts = flags[bsz * (G - 1) * nblk:]
-    dummy = y
-    zz = z if z is not None else dummy
-    Dd = D if D is not None else dummy
-    hh = h0 if h0 is not None else dummy
     strides = tuple(st for t in (u, delta, A, B, C, z, y) for st in _strides(t))
     lmajor = B.stride(2) == 1 and C.stride(2) == 1 and not (B.stride(1) == 1 and C.stride(1) == 1)
     bc_reg = bool(cfg.get("bc_reg", True)) and lmajor
     exp_sfu = cfg.get("exp", "fma") == "sfu"
-    sfu_bias = float(cfg.get("sfu_bias", SFU_EXP_BIAS)) if exp_sfu else 0.0
-    ptrs = (u, delta, A, B, C, Dd, zz, hh, y, hl, S, ds, flags, cnts)
+    default_bias = SFU_CALIBRATED.get(_capability(u.device.index), SFU_EXP_BIAS)
+    sfu_bias = float(cfg.get("sfu_bias", default_bias)) if exp_sfu else 0.0
     launches = []
     if G > 1 and not fused:
         launches.append(((nblk, G - 1, bsz), (False, False, False, True, False)))
     launches.append(((nblk, 2 * G - 1 if fused else G, bsz), (D is not None, z is not None, h0 is not None, False, fused)))
-    stream = torch._C._cuda_getCurrentRawStream(u.device.index)
     # what the specialisation depends on beyond shapes and strides: the caller's tensors' dtypes and
     # alignment (y, hl and the scratch buffers are fresh allocations whose offsets follow the shapes)
     inputs = (u, delta, A, B, C, D, z, h0)
     spec = (u.device.index, y.dtype, tuple(None if t is None else (t.dtype, _aligned(t)) for t in inputs),
             (bsz, d, n, L), strides, LG, G)
+    plan = LaunchPlan(bsz, d, n, L, NP, G, nblk, fused, tiles16, wide, flag_buffer)
+    ptrs = plan.pointers(u, delta, A, B, C, D, z, h0, y, hl)
+    stream = torch._C._cuda_getCurrentRawStream(u.device.index)
     for grid, (has_d, has_z, has_h0, state_only, fz) in launches:
         consts = (has_d, has_z, has_h0, state_only, NP, TPC, M, W, K, fz, lmajor, STAGES, n_even, bc_reg, exp_sfu, sfu_bias)
-        args = (*ptrs, d, n, L, LG // K, G, G - 1, *strides, *consts)
+        tail = (d, n, L, LG // K, G, G - 1, *strides, *consts)
         key = (spec, consts)
         k = _COMPILED.get(key)
         if k is _FAILED:
             return None
         if k is None or k is False:
             try:
-                res = _ssm_kernel[grid](*args, num_warps=W, num_stages=1)
+                res = _ssm_kernel[grid](*ptrs, *tail, num_warps=W, num_stages=1)
             except Exception as exc:  # a compiler limit this layout hits: the caller falls back
                 warnings.warn(f"fxopt: the Gluon selective-scan kernel did not compile for {key} "
                               f"({type(exc).__name__}: {str(exc)[:200]}); using the Triton kernel", RuntimeWarning)
@@ -508,10 +544,61 @@ def selective_scan_gluon(u, delta, A, B, C, D, z, h0, y, hl, cfg: dict, flag_buf
             if k is None:
                 if len(_COMPILED) >= _MAX_COMPILED:
                     _COMPILED.clear()
-                _COMPILED[key] = compiled_kernel(res) or False
+                k = _COMPILED[key] = compiled_kernel(res) or False
+            if k is False:
+                plan = None  # this Triton launches through the JIT only: nothing to replay
         else:
-            run_compiled(k, grid, stream, args)
+            run_compiled(k, grid, stream, (*ptrs, *tail))
+        if plan is not None:
+            plan.launches.append((k, grid, tail))
+    if plan is not None and plan_sink is not None:
+        plan_sink(plan)
     return y, hl
+
+
+class LaunchPlan:
+    """One signature's launches, replayed without re-deriving them: what a call does after its
+    inputs' shapes, strides, dtypes and alignment are known (the conversions of 16-bit tiles and
+    B / C, the allocations, the launches of already-compiled kernels). Halves the host time of a
+    call (b1 shapes are host-bound from Python)."""
+
+    __slots__ = ("bsz", "d", "n", "L", "NP", "G", "nblk", "fused", "tiles16", "wide", "flag_buffer", "launches")
+
+    def __init__(self, bsz, d, n, L, NP, G, nblk, fused, tiles16, wide, flag_buffer):
+        self.bsz, self.d, self.n, self.L, self.NP, self.G = bsz, d, n, L, NP, G
+        self.nblk, self.fused, self.tiles16, self.wide, self.flag_buffer = nblk, fused, tiles16, wide, flag_buffer
+        self.launches: list = []
+
+    def pointers(self, u, delta, A, B, C, D, z, h0, y, hl) -> tuple:
+        """The kernel's 14 pointer arguments (scratch for the group carries allocated here)."""
+        bsz, d, G, NP = self.bsz, self.d, self.G, self.NP
+        if G > 1:
+            buf = torch.empty(bsz * G * d * (NP + 1), dtype=torch.float32, device=u.device)  # one allocation
+            S, ds = buf[: bsz * G * d * NP], buf[bsz * G * d * NP:]
+        else:
+            S = ds = hl
+        flags = cnts = hl
+        if self.fused:
+            flags = self.flag_buffer(u.device, 2 * bsz * (G - 1) * self.nblk + 1)  # flags, reader counts, ticket
+            cnts = flags[bsz * (G - 1) * self.nblk:]
+        return (u, delta, A, B, C, y if D is None else D, y if z is None else z, y if h0 is None else h0,
+                y, hl, S, ds, flags, cnts)
+
+    def __call__(self, u, delta, A, B, C, D, z, h0, out_dtype):
+        dev = u.device
+        y = torch.empty((self.bsz, self.d, self.L), dtype=out_dtype, device=dev)
+        hl = torch.empty((self.bsz, self.d, self.n), dtype=torch.float32, device=dev)
+        if h0 is not None:
+            h0 = h0.to(torch.float32).expand(self.bsz, self.d, self.n).contiguous()
+        if self.tiles16:
+            u, delta, z = (_unit_l(t) for t in (u, delta, z))
+        if B.element_size() < 4 or C.element_size() < 4:
+            B, C = _bc_ok(B, self.wide), _bc_ok(C, self.wide)
+        ptrs = self.pointers(u, delta, A, B, C, D, z, h0, y, hl)
+        stream = torch._C._cuda_getCurrentRawStream(dev.index)
+        for k, grid, tail in self.launches:
+            run_compiled(k, grid, stream, (*ptrs, *tail))
+        return y, hl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,10 +659,9 @@ def disassemble(kernel) -> str:
     return _cuobjdump(kernel, "-sass")
 
 
-def local_accesses_in_longest_loop(sass: str) -> int:
-    """Local-memory (spill) instructions between the target and the source of the longest backward
-    branch in ``sass``: for the scan kernel, the time loop. (ptxas may park a value that is only
-    needed after the loop on the stack; that costs nothing per step.)"""
+def longest_loop(sass: str) -> list:
+    """The instructions between the target and the source of the longest backward branch in
+    ``sass``: for the scan kernel, the time loop (one chunk of K steps per iteration)."""
     import re
 
     addr = {}
@@ -592,9 +678,24 @@ def local_accesses_in_longest_loop(sass: str) -> int:
             span = (addr[int(m.group(1), 16)], i)
             if best is None or span[1] - span[0] > best[1] - best[0]:
                 best = span
-    if best is None:
-        return 0
-    return sum(bool(re.match(r"(@!?U?P\d+\s+)?(LDL|STL)\b", ins)) for ins in lines[best[0]:best[1] + 1])
+    return [] if best is None else lines[best[0]:best[1] + 1]
+
+
+def local_accesses_in_longest_loop(sass: str) -> int:
+    """Local-memory (spill) instructions in the time loop (:func:`longest_loop`). (ptxas may park a
+    value that is only needed after the loop on the stack; that costs nothing per step.)"""
+    import re
+
+    return sum(bool(re.match(r"(@!?U?P\d+\s+)?(LDL|STL)\b", ins)) for ins in longest_loop(sass))
+
+
+def polynomial_exps_in_longest_loop(sass: str) -> int:
+    """How many FMA-pipe exps (:func:`fxopt.codegen.exp2.exp2_mul_gluon`) the time loop evaluates:
+    the FFMAs whose immediate is the polynomial's second-highest coefficient (one per exp)."""
+    import struct
+
+    q4 = repr(struct.unpack("f", struct.pack("f", 0.0013398875016719103))[0])[:10]  # '0.00133988'
+    return sum(ins.startswith("FFMA") and q4 in ins for ins in longest_loop(sass))
 
 
 def resource_usage(kernel) -> dict:
