@@ -1,6 +1,7 @@
-"""The ``"cleanup"`` pass (fxopt/passes/cleanup.py): metadata checks on computed values and
-identity dtype casts go; real casts, copies, layout changes and checks on graph inputs stay.
-Contract: bitwise (the rewritten graph returns the same values)."""
+"""The ``"cleanup"`` pass (fxopt/passes/cleanup.py): metadata checks on computed values,
+identity dtype casts and view chains that undo themselves go; real casts, copies, layout changes,
+views that change the layout and checks on graph inputs stay.
+Contract: bitwise (the rewritten graph returns the same values, with the same strides)."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,14 @@ def _count(gm, target):
 def _check_same(gm_ref, gm, args):
     for r, c in zip(torch.utils._pytree.tree_leaves(gm_ref(*args)), torch.utils._pytree.tree_leaves(gm(*args))):
         bitwise.check(r, c)
+        assert r.stride() == c.stride() and r.storage_offset() == c.storage_offset()
+
+
+_VIEW_OPS = cleanup_mod._PURE_VIEWS
+
+
+def _views(gm):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in _VIEW_OPS)
 
 
 class Casts(torch.nn.Module):
@@ -46,7 +55,7 @@ def test_removes_identity_casts_and_checks_on_computed_values():
     kept = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ASSERT]
     assert kept[0].args[0].op == "placeholder"
     _check_same(ref, gm, args)
-    assert [name for name, _, _ in RULES] == ["assert_on_computed_value", "to_same_dtype"]
+    assert [name for name, _, _ in RULES] == ["assert_on_computed_value", "to_same_dtype", "identity_view", "dead_view"]
     assert all(src.startswith(cleanup_mod.__file__ + ":") for _, _, src in RULES)
 
 
@@ -134,5 +143,103 @@ def test_default_pipeline_on_hf_mamba_is_bitwise():
     with_cleanup = fxopt.optimize(model, (ids,), layer_templates=False)
     without = fxopt.optimize(model, (ids,), passes=["scan", "addcmul", "residual_add"], layer_templates=False)
     assert with_cleanup.report().matches["cleanup"] > 0
+    # per layer: the conv weight's squeeze/unsqueeze and delta's transpose pair cancel
+    assert with_cleanup.report().rule_hits["identity_view"] >= 2 * cfg.num_hidden_layers
     a, b = with_cleanup(ids), without(ids)
     bitwise.check(b.logits if hasattr(b, "logits") else b[0], a.logits if hasattr(a, "logits") else a[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# view chains that undo themselves
+# ----------------------------------------------------------------------------------------------
+class Views(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 1, 4))
+
+    def forward(self, x):
+        a = x.transpose(1, 2).transpose(1, 2).permute(0, 2, 1)  # the pair cancels, the permute stays
+        w = self.w.squeeze(1).unsqueeze(1)                      # a size-1 dim out and back (HF's conv weight)
+        c = x.unsqueeze(0).squeeze(0)
+        return a * 2, w * 3, c + 1
+
+
+def test_removes_view_chains_that_undo_themselves():
+    args = (torch.tensor([1.5, -0.0, float("inf"), float("nan"), 3e-39, -7.0] * 10).reshape(2, 5, 6),)
+    m = Views()
+    gm, ref = capture(m, args, {}), capture(m, args, {})
+    views_before = _views(gm)
+    res = CleanupPass()(gm)
+    # transpose.transpose -> x, squeeze.unsqueeze -> w, unsqueeze.squeeze -> x; their first halves die
+    assert res.stats["rule:identity_view"] == 3 and res.stats["rule:dead_view"] == 3
+    assert _views(gm) == views_before - 6
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in _VIEW_OPS] == [aten.permute.default]
+    _check_same(ref, gm, args)
+
+
+class ViewLookAlikes(torch.nn.Module):
+    """Chains that end in the shape they started from but not in the layout, or not in the shape."""
+
+    def forward(self, x, sq):
+        a = sq.t()                                  # square: same shape, other strides
+        b = sq.transpose(0, 1).transpose(1, 0).t()  # (the pair cancels; the t stays)
+        c = x.transpose(0, 1).transpose(1, 2)       # a rotation, not the identity
+        d = x[:, :1].squeeze(1).unsqueeze(0)        # a dim out and back in elsewhere
+        e = x.expand(2, 3, 4)[:, 1:]                # a slice of a broadcast
+        f = x.reshape(3, 4).reshape(1, 3, 4)        # reshape may copy: never looked through
+        return a * 1, b * 1, c * 1, d * 1, e * 1, f * 1
+
+
+def test_keeps_views_that_change_the_layout():
+    args = (torch.randn(1, 3, 4), torch.randn(5, 5))
+    gm, ref = capture(ViewLookAlikes(), args, {}), capture(ViewLookAlikes(), args, {})
+    before = _views(gm)
+    res = CleanupPass()(gm)
+    assert res.stats["rule:identity_view"] == 1 and res.stats["rule:dead_view"] == 1  # only b's pair
+    assert _views(gm) == before - 2
+    _check_same(ref, gm, args)
+
+
+_VIEW_STEPS = st.lists(st.tuples(st.sampled_from(["transpose", "unsqueeze", "squeeze", "permute"]),
+                                 st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=6)
+
+
+class ViewChain(torch.nn.Module):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, x):
+        y = x
+        for op, i, j in self.steps:
+            r = y.dim()
+            if op == "transpose" and r >= 1:
+                y = y.transpose(i % r, j % r)
+            elif op == "unsqueeze":
+                y = y.unsqueeze(i % (r + 1))
+            elif op == "squeeze" and r >= 1 and y.shape[i % r] == 1:
+                y = y.squeeze(i % r)
+            elif op == "permute" and r >= 1:
+                perm = list(range(r))
+                perm = perm[i % r:] + perm[:i % r]  # a rotation
+                y = y.permute(perm)
+        return y * 1, y.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(_VIEW_STEPS, st.sampled_from([(3, 1, 4), (1, 5), (2, 1, 1, 3), (7,)]), st.booleans())
+def test_property_view_chains_bitwise(steps, shape, transposed_input):
+    """Random view chains over shapes with size-1 dims, contiguous or not: outputs bit-identical
+    with the same strides; a chain whose end is laid out like its start leaves no view behind."""
+    x = torch.randn(shape)
+    if transposed_input and x.dim() >= 2:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)  # non-contiguous input
+    gm, ref = capture(ViewChain(steps), (x,), {}), capture(ViewChain(steps), (x,), {})
+    before = _views(gm)
+    res = CleanupPass()(gm)
+    assert _views(gm) == before - res.stats["rule:identity_view"] - res.stats["rule:dead_view"]
+    _check_same(ref, gm, (x,))
+    y = ViewChain(steps)(x)[0]
+    identity = (y.shape, y.stride()) == (x.shape, x.stride())
+    if identity:
+        assert _views(gm) == 0, gm.code
