@@ -116,8 +116,9 @@ RULES = tuple((fn.__name__.lstrip("_"), fn, f"{__file__}:{fn.__code__.co_firstli
 
 
 class CleanupPass(Pass):
-    """Drop export's metadata checks on computed values, identity dtype casts and view chains
-    that undo themselves (bitwise)."""
+    """Drop no-op calls: checks on computed values, identity casts, view chains that undo themselves.
+
+    Bitwise; see the module docstring."""
 
     name = "cleanup"
     fixpoint = False  # two walks remove every instance; nothing they do creates another
