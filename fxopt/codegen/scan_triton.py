@@ -497,7 +497,7 @@ def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> di
     if _gluon_ok(device_index):
         from . import scan_gluon
 
-        from ..config import scan_exp  # noqa: E402
+        from ..config import scan_exp
 
         exp = scan_gluon.resolve_exp(scan_exp(), scan_gluon._capability(device_index))
         return scan_gluon.choose_config(bsz, d, L, n, _sm_count(device_index), exp)
@@ -582,8 +582,9 @@ def selective_scan_triton(
     config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor]:
     plan_key = None
-    if not _CONFIG_OVERRIDE:
+    if u.is_cuda and not _CONFIG_OVERRIDE:
         # the fast path: a call with the signature of an earlier one replays its launch plan
+        # (plans exist only for the Gluon kernel: no key is built for the interpreter)
         plan_key = (scan_exp_raw(), out_dtype, u.get_device(), _sig(u), _sig(delta), _sig(A), _sig(B), _sig(C),
                     _sig(D), _sig(z), _sig(h0), None if config is None else tuple(sorted(config.items())))
         plan = _PLANS.get(plan_key)
