@@ -480,3 +480,42 @@ def test_cuda_build_failure_without_a_cached_library_is_not_retried(tmp_path, mo
     with pytest.raises(CodegenError, match="nvcc: error in kernel"):
         cache.build_cuda_extension("k", CU, CPP)
     assert len(calls) == 1
+
+
+_BUILD_SCRIPT = """
+import sys
+from fxopt.codegen import elementwise as ew
+from fxopt.codegen.cache import build_cuda_extension
+tree = ew.parse_tree("t0=add(x0,x1);t1=add(t0,x2)->t1")
+sym, cu = ew.emit_cuda(tree)
+ext = build_cuda_extension(sym, cu, ew.emit_cuda_binding(tree), signature="cache-security-test")
+print(ext.__file__)
+"""
+
+
+def test_cuda_real_build_reload_and_heal(tmp_path):
+    """The real load_inline: build, load from the cache in a new process, and rebuild a cached
+    library that a killed link left truncated."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or cache.nvcc_path() is None:
+        pytest.skip("needs a CUDA device (and nvcc)")
+    import subprocess
+
+    env = dict(os.environ, FXOPT_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return Path(r.stdout.strip().splitlines()[-1]), r.stderr
+
+    lib, _ = run()
+    assert lib.resolve().is_relative_to((tmp_path / "cache" / "cuda").resolve())
+    assert stat.S_IMODE(lib.parent.stat().st_mode) == 0o700
+    mtime = lib.stat().st_mtime_ns
+    again, _ = run()  # a new process loads the cached library
+    assert again == lib and lib.stat().st_mtime_ns == mtime
+    lib.write_bytes(lib.read_bytes()[:64])  # truncated, newer than its objects: ninja sees it up to date
+    healed, _ = run()  # loads (the script prints only after load_inline imported it): rebuilt
+    assert healed.stat().st_size > 64

@@ -86,13 +86,19 @@ def cache_key(source: str, signature: str = "") -> str:
 # --------------------------------------------------------------------------- folders
 
 
+def _uid() -> int | None:
+    """The effective uid; None where there are no POSIX owners (Windows: mode checks only)."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid() if geteuid is not None else None
+
+
 def _check_private(path: Path) -> None:
     """Refuse ``path`` unless it is a folder that only the current user can write."""
     st = os.stat(path)  # follows a symlink: the folder that would really be used
     if not stat.S_ISDIR(st.st_mode):
         raise _Refused(f"{path} is not a folder")
-    uid = os.geteuid()
-    if st.st_uid != uid:
+    uid = _uid()
+    if uid is not None and st.st_uid != uid:
         raise _Refused(f"{path} is owned by uid {st.st_uid}, not by you (uid {uid})")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise _Refused(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
@@ -102,10 +108,10 @@ def _check_private(path: Path) -> None:
 
 def _check_ancestors(path: Path) -> None:
     """Refuse ``path`` if someone else could rename it away and put their own folder there."""
-    uid = os.geteuid()
+    uid = _uid()
     for parent in path.parents:
         st = os.stat(parent)
-        if st.st_uid not in (0, uid):
+        if uid is not None and st.st_uid not in (0, uid):
             raise _Refused(f"{path} is inside {parent}, which is owned by uid {st.st_uid}")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
             raise _Refused(
