@@ -9,9 +9,16 @@ root first, then intermediates that also had users outside the tree).
   export / compile;
 * CPU impl: evaluates the tree with ``torch.add``/``torch.sub`` in statement order - the
   unfused computation itself, bit-equal by construction;
-* :func:`fused_add_tree` (what rewritten graphs call): on plain CUDA tensors outside
-  tracing it skips the dispatcher and goes straight to the cached launcher; otherwise
-  it calls the op (so exported / compiled graphs contain ``fxopt::fused_add_tree``);
+* :func:`fused_add_tree` (what rewritten graphs call): on plain tensors outside
+  tracing, when no gradient is being recorded (grad mode off, or no input requires grad),
+  it skips the dispatcher (CUDA: straight to the cached launcher; CPU: ATen); otherwise
+  it calls the op (so exported / compiled graphs contain ``fxopt::fused_add_tree`` and
+  autograd records it);
+* autograd: the backward of the tree, statement by statement in reverse (``add`` passes
+  its gradient to both operands, ``sub`` negates it for the second), each contribution
+  summed to its operand's shape and cast to its dtype as eager's autograd engine does
+  for broadcast and mixed-dtype adds. The backward is made of ATen ops, so it is itself
+  differentiable;
 * CUDA impl: the generated kernel (Triton by default, CUDA C with
   ``FXOPT_BACKEND=cuda``; ``FXOPT_BACKEND=torch`` evaluates with ATen). Per
   (tree, backend, dtype, shapes, strides, alignment) the compiled kernel and its launch
@@ -22,15 +29,18 @@ root first, then intermediates that also had users outside the tree).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..codegen import elementwise as ew
 from ..codegen.cache import build_cuda_extension, load_triton_module
 from ..codegen.launch import compiled_kernel, run_compiled
 from .. import config
 from ..errors import CodegenError
+from .ad_support import refuse_forward_ad
 
 OP_NAME = "fxopt::fused_add_tree"
 
@@ -53,6 +63,7 @@ def _evaluate(xs: Sequence[torch.Tensor], tree: str) -> list[torch.Tensor]:
 
 
 def _cpu_impl(xs, tree):
+    refuse_forward_ad(OP_NAME)
     return _evaluate(xs, tree)
 
 
@@ -212,6 +223,7 @@ def get_launcher(xs, tree: str, backend: str | None = None) -> _Launcher:
 
 
 def _cuda_impl(xs, tree):
+    refuse_forward_ad(OP_NAME)
     launcher = get_launcher(xs, tree)
     if (
         SMALL_NUMEL_THRESHOLD
@@ -225,27 +237,120 @@ def _cuda_impl(xs, tree):
 _lib.impl("fused_add_tree", _cpu_impl, "CPU")
 _lib.impl("fused_add_tree", _cuda_impl, "CUDA")
 
+
+# ----------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    xs, tree = inputs
+    ctx.tree = tree
+    ctx.leaves = tuple((tuple(x.shape), x.dtype) for x in xs)  # no tensor is kept alive
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+
+
+@lru_cache(maxsize=1024)
+def _temp_metas(tree_text: str, leaves: tuple) -> tuple:
+    """(shape, dtype) of every temp of the tree, by ATen's own broadcast and promotion rules
+    (0-dim operands promote differently: evaluate on meta tensors, not by hand)."""
+    tree = ew.parse_tree(tree_text)
+    env = {f"x{i}": torch.empty(shape, dtype=dtype, device="meta") for i, (shape, dtype) in enumerate(leaves)}
+    metas = []
+    for k, st in enumerate(tree.stmts):
+        t = env[f"t{k}"] = (torch.add if st.op == "add" else torch.sub)(env[st.a], env[st.b])
+        metas.append((tuple(t.shape), t.dtype))
+    return tuple(metas)
+
+
+def tree_vjp(tree_text: str, leaves: Sequence[tuple], grads: Sequence[torch.Tensor | None],
+             needed: Sequence[bool] | None = None) -> list:
+    """Gradients of the tree's inputs (None where none flows or ``needed`` says no) from
+    those of its outputs; ``leaves``: each input's (shape, dtype).
+
+    Like eager autograd on the unfused adds: statements in reverse order, each operand's
+    contribution reduced to the operand's shape (``sum_to_size``) and then cast to its
+    dtype, contributions to one value added in the order the engine would deliver them
+    (later statements first), so for the same operations the result is the same bits."""
+    tree = ew.parse_tree(tree_text)
+    leaves = tuple(leaves)
+    metas = dict(zip((f"t{k}" for k in range(len(tree.stmts))), _temp_metas(tree_text, leaves)))
+    metas.update((f"x{i}", m) for i, m in enumerate(leaves))
+    acc: dict[str, torch.Tensor] = {}
+    for name, g in zip(tree.outputs, grads):
+        if g is not None:
+            acc[name] = g
+
+    def give(name: str, g: torch.Tensor) -> None:
+        if needed is not None and name[0] == "x" and not needed[int(name[1:])]:
+            return
+        shape, dtype = metas[name]
+        if tuple(g.shape) != shape:
+            g = g.sum_to_size(shape)
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        acc[name] = g if name not in acc else acc[name] + g
+
+    for k in range(len(tree.stmts) - 1, -1, -1):
+        g = acc.pop(f"t{k}", None)
+        if g is None:
+            continue
+        st = tree.stmts[k]
+        give(st.a, g)
+        give(st.b, g if st.op == "add" else torch.neg(g))
+    return [acc.get(f"x{i}") for i in range(len(leaves))]
+
+
+def _backward(ctx, grads):
+    needed = ctx.needs_input_grad[0]  # one bool per tensor of xs
+    return tree_vjp(ctx.tree, ctx.leaves, grads, needed), None
+
+
+torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
 fused_add_tree_op = torch.ops.fxopt.fused_add_tree.default
 
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch._C.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+_functorch_active = torch._C._are_functorch_transforms_active
 _Tensor = torch.Tensor
+
+# Tests set this to drive the launcher path with CPU tensors under TRITON_INTERPRET=1 (no GPU
+# in CI). On CUDA tensors ``x0.is_cuda`` short-circuits and it is never read.
+FAST_PATH_ON_CPU = False
 
 
 def fused_add_tree(xs, tree):
     """What rewritten graphs call. Semantically ``fxopt::fused_add_tree(xs, tree)``.
 
-    On plain CUDA tensors outside any tracing it goes straight to the cached launcher
-    (no dispatcher round trip: at decode sizes the launch cost *is* the cost). Under
-    tracing (FakeTensors, torch.export, torch.compile, dispatch modes) and on other
-    devices it calls the custom op, so a rewritten graph exports/compiles to the op."""
+    On plain tensors outside any tracing, and when no gradient can flow through the call,
+    it skips the dispatcher: CUDA tensors go straight to the cached launcher (at decode
+    sizes the launch cost *is* the cost), others are evaluated with ATen as the op's CPU
+    impl would. Otherwise it calls the custom op: under tracing (FakeTensors,
+    torch.export, torch.compile, dispatch modes), so a rewritten graph exports/compiles
+    to the op; and whenever autograd would record the call (grad mode on and an input
+    requiring grad, a torch.func transform, or a forward-AD dual level), so the outputs
+    carry history (or forward mode gets its clear error). The checks are a few C calls
+    (~0.1 us under ``torch.no_grad()``, ~0.3 us with grad mode on, as measured on CPU;
+    benchmarks/fast_path_gate.py)."""
     x0 = xs[0]
-    if type(x0) is _Tensor and x0.is_cuda and not _is_compiling() and not _dispatch_depth():
+    if (
+        type(x0) is _Tensor
+        and not (_grad_enabled() and _any_requires_grad(*xs))
+        and _forward_ad._current_level < 0
+        and not _functorch_active()
+        and not _is_compiling()
+        and not _dispatch_depth()
+    ):
+        if not (x0.is_cuda or FAST_PATH_ON_CPU):
+            # CPU (or another device): what the op's CPU impl would do, minus the dispatcher
+            # and its Python autograd kernel
+            return _evaluate(xs, tree)
         key = (tree, _backend_raw(), x0.get_device(), *[(x.shape, x.stride(), x.dtype, x.data_ptr() & 15) for x in xs])
         launcher = _FAST.get(key)
         if launcher is None:
             backend = _backend()
-            if not all(type(x) is _Tensor and x.is_cuda and x.device == x0.device for x in xs):
+            if not all(type(x) is _Tensor and x.device == x0.device for x in xs):
                 return fused_add_tree_op(xs, tree)
             if len(_FAST) >= _MAX_LAUNCHERS:
                 _FAST.clear()
