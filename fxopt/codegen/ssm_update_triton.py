@@ -182,6 +182,12 @@ def _launch(kernel, key, grid, ptrs, tail, num_warps):
         _COMPILED[key] = compiled_kernel(res) or False
 
 
+def _pointer_key(ptrs) -> tuple:
+    # Triton specialises pointers on 16-byte alignment: a kernel compiled for aligned inputs must
+    # not be replayed on misaligned ones
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs)
+
+
 def _promote(*dtypes) -> torch.dtype:
     out = dtypes[0]
     for d in dtypes[1:]:
@@ -223,7 +229,7 @@ def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tenso
                *A.stride(), *B.stride(), *C.stride(), D.stride(0) if D is not None else 0,
                dt_bias.stride(0) if dt_bias is not None else 0, *out.stride())
     tail = (d, s, *strides, *consts, BD, SP)
-    key = ("ssu", x.device.index, bsz, tuple(t.dtype for t in ptrs), tail)
+    key = ("ssu", x.device.index, bsz, _pointer_key(ptrs), tail)
     _launch(_state_update_kernel, key, (triton.cdiv(d, BD), bsz), ptrs, tail, 4)
     return out
 
@@ -245,6 +251,6 @@ def conv_state_update_triton(x: Tensor, conv_state: Tensor, weight: Tensor, bias
     tail = (d, k, *conv_state.stride(), x.stride(0), x.stride(1), *w.stride(),
             bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             bias is not None, bool(silu), _tl(w.dtype), _tl(conv_state.dtype), _tl(x.dtype), BD, KP)
-    key = ("csu", x.device.index, bsz, tuple(t.dtype for t in ptrs), tail)
+    key = ("csu", x.device.index, bsz, _pointer_key(ptrs), tail)
     _launch(_conv_update_kernel, key, (triton.cdiv(d, BD), bsz), ptrs, tail, 4)
     return out

@@ -414,9 +414,9 @@ class SSMUpdatePass(Pass):
                     m, final, state, args = matcher(copy)
                     matched = set(m.nodes)
                     for n in m.nodes:
-                        if n is final or n is copy:
+                        if n is final:
                             continue
-                        for u in n.users:
+                        for u in n.users:  # (the copy_ too: export names the state after it by the copy_)
                             if u not in matched and not _is(u, _ASSERT):
                                 _fail(f"{n.name} is also used by {u.name}, outside the match")
                     if any(a is not None and isinstance(a, Node) and pos.get(a, -1) > pos[final]

@@ -12,10 +12,10 @@ from .cuda_graphs import GraphReplay
 from .family import UnsupportedModelError
 from .generate import GenerateError, cache_bytes, cache_length, generate, report
 from .guards import ModelGuard
-from .sampling import GenerationConfigError
+from .sampling import UNSET, GenerationConfigError
 
 __all__ = [
     "generate", "cache_bytes", "cache_length", "report", "GraphReplay", "ModelGuard",
     "CacheSpec", "CacheEntry", "CACHE_SPEC_KEY", "RecordCacheSpec", "cache_spec_of", "set_cache_spec",
-    "replace_cache_inputs", "CacheSpecError", "UnsupportedModelError", "GenerateError", "GenerationConfigError",
+    "replace_cache_inputs", "CacheSpecError", "UNSET", "UnsupportedModelError", "GenerateError", "GenerationConfigError",
 ]

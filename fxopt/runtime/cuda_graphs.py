@@ -34,8 +34,9 @@ Contract:
   event recorded after each one (the shared pool makes concurrent replays unsafe).
 
 ``backend="emulate"`` (tests on machines without a GPU) keeps all the bookkeeping (keys, static
-buffers, copy in / copy out, aliasing, fallbacks, the check hook) and stands in for the graph by
-calling ``fn`` on the static buffers and writing the results into the static output buffers.
+buffers, copy in / copy out, aliasing, fallbacks, the check hook) and stands in for the graph:
+the capture calls ``fn`` on copies of the inputs (a CUDA capture executes nothing), a replay calls
+it on the static buffers and writes the results into the static output buffers.
 """
 from __future__ import annotations
 
@@ -188,11 +189,15 @@ class GraphReplay:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 torch.cuda.synchronize()
-                with torch.cuda.graph(graph, pool=self._pool):
+                # thread_local: CUDA work of other threads during the capture is not an error
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     out = self.fn(*pytree.tree_unflatten(static_in, spec))
             else:
+                # a CUDA capture records without executing: run on copies of everything, static
+                # arguments included, so the emulated capture has no side effect either
                 graph = "emulated"
-                out = self.fn(*pytree.tree_unflatten(static_in, spec))
+                probe = [a.clone() if isinstance(a, torch.Tensor) else a for a in static_in]
+                out = self.fn(*pytree.tree_unflatten(probe, spec))
             flat, spec = pytree.tree_flatten(out)
             bad = [type(o).__name__ for o in flat if not isinstance(o, (torch.Tensor,) + _NONTENSOR_OUT)]
             if bad:

@@ -53,12 +53,17 @@ from .cache_spec import CacheSpec, CacheSpecError, RecordCacheSpec, cache_spec_o
 from .cuda_graphs import GraphReplay
 from .family import Family, family_of
 from .guards import ModelGuard, hooks_of
+from .sampling import UNSET
 
 log = logging.getLogger("fxopt")
 
 MIN_CACHE_LENGTH = 64
 MAX_CACHES = 2
 EOS_CHECK_EVERY = 8
+
+# Graph building captures with torch.export, whose tracing state is process-global: two runtimes
+# building at once (two threads, two optimized modules) must not interleave.
+_BUILD_LOCK = threading.Lock()
 
 
 class GenerateError(FxoptError):
@@ -111,6 +116,7 @@ class Runtime:
         self.passes = _pass_specs(opt)
         self.stats = RuntimeStats()
         self.lock = threading.RLock()
+        self.cuda_graphs = True  # replay the decode step from CUDA graphs (on CUDA); False: call it directly
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -153,7 +159,7 @@ class Runtime:
 
         t0 = time.perf_counter()
         passes = [RecordCacheSpec(self.family.declared), *lowering, *self._user_passes()]
-        with torch.no_grad():
+        with _BUILD_LOCK, torch.no_grad():
             opt = optimize(wrapper, args, passes=passes)
         gm = opt.graph_module
         cache_spec_of(gm)  # a pass that dropped the meta is named now, not at the first call
@@ -221,10 +227,13 @@ class Runtime:
             t = cache_length(total)
             return self.decode_graph(b, t).spec.nbytes(b, t)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=None,
-                 top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, streamer=None, generator=None):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=UNSET,
+                 top_k=UNSET, top_p=UNSET, eos_token_id=UNSET, pad_token_id=UNSET, streamer=None, generator=None):
         ids, mask = self._check_inputs(input_ids, attention_mask)
         steps = _positive("max_new_tokens", max_new_tokens)
+        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != ids.device.type):
+            raise GenerateError(f"generator must be a torch.Generator on the model's device ({ids.device}), got "
+                                f"{getattr(generator, 'device', type(generator).__name__)}")
         params = sampling.resolve(self.model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         with self.lock, torch.no_grad():
@@ -288,7 +297,8 @@ class Runtime:
                 break
             if done == steps:
                 break
-            logits = self._replay((b, self._length_key(t)), cache, *state.inputs(tokens))
+            step_fn = self._replay if self.cuda_graphs else self._decode_call
+            logits = step_fn((b, self._length_key(t)), cache, *state.inputs(tokens))
             state.advance()
         n = int(ran.item()) if eos is not None else done
         if streamer is not None:
@@ -317,17 +327,17 @@ def runtime_for(opt) -> Runtime:
 
 
 def generate(opt, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_token_id=None, pad_token_id: Optional[int] = None, streamer=None,
+             temperature=UNSET, top_k=UNSET, top_p=UNSET, eos_token_id=UNSET, pad_token_id=UNSET, streamer=None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (b, L) with the optimized
     module ``opt``; returns ``(b, L + n)`` prompt + new tokens, as HF's ``generate`` does.
 
     ``attention_mask``: 1 for real tokens, 0 for (left) padding. ``do_sample=False``: greedy
     (HF's tokens, token for token); ``True``: samples with ``temperature``, ``top_k``, ``top_p``
-    (None: the model's ``generation_config``, else HF's defaults 1.0 / 50 / 1.0) from
-    ``generator``. ``eos_token_id`` (int or list) / ``pad_token_id``: None takes the generation
-    config's (pad falls back to the first eos, as in HF). ``streamer``: HF's ``BaseStreamer``.
+    from ``generator``. ``eos_token_id`` (int or list), ``pad_token_id``. Settings not given
+    (:data:`~fxopt.runtime.sampling.UNSET`) come from the model's ``generation_config``, else
+    HF's defaults (1.0 / 50 / 1.0); an explicit None switches a setting off, as in HF (pad falls
+    back to the first eos). ``streamer``: HF's ``BaseStreamer``.
     Raises :class:`~fxopt.runtime.family.UnsupportedModelError` for a model family the runtime
     has no graphs for."""
     return runtime_for(opt).generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,

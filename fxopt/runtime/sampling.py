@@ -1,8 +1,9 @@
 """Choosing the next token on the device, with HF ``generate``'s semantics.
 
-Parameters resolve as HF resolves them: the caller's argument, else the model's
-``generation_config``, else HF's global default (``temperature=1.0``, ``top_k=50``,
-``top_p=1.0``). Sampling applies HF's warpers in HF's order (temperature, top-k, top-p with
+Parameters resolve as HF resolves them: the caller's argument, else (argument not given:
+:data:`UNSET`) the model's ``generation_config``, else HF's global default (``temperature=1.0``,
+``top_k=50``, ``top_p=1.0``). As in HF, an explicit ``None`` switches a setting off
+(``eos_token_id=None``: no eos even if the config has one; ``top_k=None``: no top-k). Sampling applies HF's warpers in HF's order (temperature, top-k, top-p with
 ``min_tokens_to_keep=1``) and draws with ``torch.multinomial`` from the caller's
 ``torch.Generator``, so a seeded generator reproduces the tokens. Nothing here reads a value
 back to the host.
@@ -35,6 +36,26 @@ _UNSUPPORTED = {
     "top_h": None, "stop_strings": None, "max_time": None, "guidance_scale": None, "watermarking_config": None,
     "remove_invalid_values": False, "num_return_sequences": 1, "dola_layers": None,
 }
+
+
+class _Unset:
+    """The default of generate's optional settings: "not given, take the generation config's"."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self):
+        return (_Unset, ())
+
+
+UNSET = _Unset()
 
 
 class GenerationConfigError(FxoptError):
@@ -78,14 +99,16 @@ def resolve(model, *, do_sample: bool, temperature, top_k, top_p, eos_token_id, 
                 f"(model.generation_config.{name} = {neutral!r}) or call model.generate for this model.")
 
     def pick(user, name):
-        if user is not None:
+        if user is not UNSET:
             return user
         value = _config_value(cfg, name)
-        return HF_DEFAULTS[name] if value is None else value
+        return HF_DEFAULTS.get(name) if value is None else value
 
-    temperature = float(pick(temperature, "temperature"))
+    temperature = pick(temperature, "temperature")
+    temperature = 1.0 if temperature is None else float(temperature)
     top_k = pick(top_k, "top_k")
-    top_p = float(pick(top_p, "top_p"))
+    top_p = pick(top_p, "top_p")
+    top_p = 1.0 if top_p is None else float(top_p)
     if do_sample:
         if not temperature > 0.0:
             raise GenerationConfigError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -93,8 +116,8 @@ def resolve(model, *, do_sample: bool, temperature, top_k, top_p, eos_token_id, 
             raise GenerationConfigError(f"top_k must be a non-negative int, got {top_k!r}")
         if not 0.0 <= top_p <= 1.0:
             raise GenerationConfigError(f"top_p must be in [0, 1], got {top_p}")
-    eos = _token_list(eos_token_id if eos_token_id is not None else _config_value(cfg, "eos_token_id"))
-    pad = pad_token_id if pad_token_id is not None else _config_value(cfg, "pad_token_id")
+    eos = _token_list(pick(eos_token_id, "eos_token_id"))
+    pad = pick(pad_token_id, "pad_token_id")
     if pad is None and eos:
         pad = eos[0]  # HF: "Setting pad_token_id to eos_token_id"
     if pad is not None and (not isinstance(pad, int) or pad < 0):
