@@ -76,6 +76,23 @@ def test_fuses_both_updates_bitwise_on_cpu(dtype):
             assert torch.equal(t1, t2)  # state and conv window written identically
 
 
+def test_a_from_a_log_is_folded_into_the_op():
+    """HF's mixer computes A = -exp(A_log.float()) every step: the op takes A_log instead."""
+    def fn(state, x, dt, A_log, B, C, D, z, bias):
+        A = -torch.exp(A_log.float())
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, bias.float(), True)
+
+    a = _inputs()
+    args = [a["state"], a["x"], a["dt"], torch.log(-a["A"]), a["B"], a["C"], a["D"], a["z"], a["bias"]]
+    before, result, _ = _run_pass(fn, args)
+    (op,) = [n for n in result.graph_module.graph.nodes if n.target is SELECTIVE_STATE_UPDATE]
+    placeholders = [n for n in result.graph_module.graph.nodes if n.op == "placeholder"]
+    assert op.args[3] is placeholders[3] and op.args[10] is True  # A_log itself
+    assert torch.ops.aten.exp.default not in [n.target for n in result.graph_module.graph.nodes]
+    a1, a2 = _clone(args), _clone(args)
+    assert torch.equal(before(*a1), result.graph_module(*a2)) and torch.equal(a1[0], a2[0])
+
+
 def _lookalike(kind):
     def fn(state, x, dt, A, B, C, D, z, bias, conv, xc, w, wb):
         dt = dt + bias.float().to(dt.dtype)
@@ -192,8 +209,8 @@ _DIMS = st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([1, 5, 37]), st.sa
 
 @settings(max_examples=10, deadline=None)
 @given(dims=_DIMS, dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16),
-       dt_scale=st.sampled_from([0.01, 1.0, 30.0]), transposed=st.booleans(), data=st.data())
-def _state_update_property(dims, dtype, seed, dt_scale, transposed, data):
+       dt_scale=st.sampled_from([0.01, 1.0, 30.0]), transposed=st.booleans(), a_is_log=st.booleans(), data=st.data())
+def _state_update_property(dims, dtype, seed, dt_scale, transposed, a_is_log, data):
     b, d, s = dims
     g = torch.Generator().manual_seed(seed)
     state = torch.randn(b, d, s, generator=g) * 3
@@ -207,12 +224,19 @@ def _state_update_property(dims, dtype, seed, dt_scale, transposed, data):
         x, dt, z, B = (t.t().contiguous().t() for t in (x, dt, z, B))
     from fxopt.codegen.ssm_update_triton import selective_state_update_triton
 
+    if a_is_log:  # the op computes A = -exp(A_log) itself
+        A = torch.log(-A)
     args = (state, x, dt, A, B, C, D, z, bias)
     new = state.clone()
-    selective_state_update_ref(new, *args[1:], True)
+    selective_state_update_ref(new, *args[1:], True, a_is_log)
     contract = _dot_contract(s, new[new.isfinite()] if new.isfinite().any() else new.new_zeros(1), C.float())
-    assert_equivalent(lambda *a: selective_state_update_ref(*a, True), lambda *a: selective_state_update_triton(*a, True),
-                      args, contract, reference_fp64_fn=_ref64_state_update, fp64_audit="error")
+
+    def ref64(state, x, dt, A, B, C, D, z, bias):
+        return _ref64_state_update(state, x, dt, -torch.exp(A) if a_is_log else A, B, C, D, z, bias)
+
+    assert_equivalent(lambda *a: selective_state_update_ref(*a, True, a_is_log),
+                      lambda *a: selective_state_update_triton(*a, True, a_is_log),
+                      args, contract, reference_fp64_fn=ref64, fp64_audit="error")
 
 
 def test_state_update_kernel_contract():

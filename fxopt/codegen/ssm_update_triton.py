@@ -81,7 +81,7 @@ def _state_update_kernel(
     s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
     s_ad, s_as, s_bb, s_bs, s_cb, s_cs,
     s_Dd, s_biasd, s_ob, s_od,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr,
     R_DT: tl.constexpr, R_C: tl.constexpr, R_XD: tl.constexpr, R_SUM: tl.constexpr, R_Z: tl.constexpr,
     R_MUL: tl.constexpr, R_STATE: tl.constexpr, R_OUT: tl.constexpr,
     BD: tl.constexpr, SP: tl.constexpr,
@@ -101,6 +101,8 @@ def _state_update_kernel(
     if SOFTPLUS:
         dt = _rnd(_softplus(dt), R_DT)
     A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_s[None, :] * s_as, mask=m2, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -_exp(A)
     Bv = tl.load(B_ptr + b * s_bb + offs_s * s_bs, mask=ms, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_cb + offs_s * s_cs, mask=ms, other=0.0).to(tl.float32)
     hp = state_ptr + b * s_hb + offs_d[:, None] * s_hd + offs_s[None, :] * s_hs
@@ -204,10 +206,11 @@ def _tl(dtype: torch.dtype):
 
 def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                                  dt_bias: Optional[Tensor] = None, dt_softplus: bool = True) -> Tensor:
+                                  dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                                  A_is_log: bool = False) -> Tensor:
     """``fxopt::selective_state_update`` on the GPU (or under TRITON_INTERPRET=1)."""
     if any(t is not None and t.dtype == torch.float64 for t in (state, x, dt, A, B, C, D, z, dt_bias)):
-        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
     bsz, d = x.shape
     s = state.shape[-1]
     out = torch.empty((bsz, d), dtype=x.dtype, device=x.device)
@@ -218,7 +221,7 @@ def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tenso
     summed = _promote(C.dtype, xd) if D is not None else C.dtype
     zt = z.dtype if z is not None else summed
     mul = _promote(summed, zt) if z is not None else summed
-    consts = (D is not None, z is not None, dt_bias is not None, bool(dt_softplus),
+    consts = (D is not None, z is not None, dt_bias is not None, bool(dt_softplus), bool(A_is_log),
               _tl(dt.dtype), _tl(C.dtype), _tl(xd), _tl(summed), _tl(zt), _tl(mul), _tl(state.dtype), _tl(x.dtype))
     BD = _block_d(d)
     SP = _next_pow2(s)

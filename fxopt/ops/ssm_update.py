@@ -3,6 +3,7 @@
 ``fxopt::selective_state_update`` -- one step of the selective scan, the state updated in place::
 
     state : (b, d, s) (a!)   x, dt, z : (b, d)   A : (d, s)   B, C : (b, s)   D, dt_bias : (d,)
+    A     = -exp(A_log) when A_is_log               (Mamba's parameter: no separate kernels per step)
     dt'   = softplus(dt + dt_bias)                  (in dt's dtype, as HF computes it)
     state = state * exp(dt' A) + (dt' B) x          (fp32)
     y     = (state . C + x D) * silu(z)             -> (b, d) in x's dtype
@@ -36,8 +37,13 @@ def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                               dt_bias: Optional[Tensor] = None, dt_softplus: bool = True) -> Tensor:
-    """HF's torch ``selective_state_update``; writes the new state into ``state``, returns y."""
+                               dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                               A_is_log: bool = False) -> Tensor:
+    """HF's torch ``selective_state_update``; writes the new state into ``state``, returns y.
+    ``A_is_log``: ``A`` is Mamba's ``A_log`` parameter and ``A = -exp(A_log.float())`` is computed
+    here (as ``MambaMixer`` does before the update)."""
+    if A_is_log:
+        A = -torch.exp(A.float())
     input_dtype = x.dtype
     if dt_bias is not None:
         dt = dt + dt_bias.to(dt.dtype)
@@ -77,20 +83,21 @@ def conv_state_update_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: O
 @torch.library.custom_op("fxopt::selective_state_update", mutates_args=("state",))
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = True) -> Tensor:
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                           A_is_log: bool = False) -> Tensor:
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
 
 
 @selective_state_update.register_fake
-def _ssu_fake(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+def _ssu_fake(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, A_is_log=False):
     return x.new_empty(x.shape, dtype=x.dtype)
 
 
 @selective_state_update.register_kernel("cuda")
-def _ssu_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+def _ssu_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, A_is_log=False):
     from ..codegen import ssm_update_triton
 
-    return ssm_update_triton.selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return ssm_update_triton.selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
 
 
 @torch.library.custom_op("fxopt::conv_state_update", mutates_args=("conv_state",))

@@ -8,7 +8,8 @@ write the conv window and the SSM state. This pass finds both structurally and r
   (dt'.float()[..., None] * B.float()[:, None]) * x.float()[..., None])`` with
   ``dt' = softplus(dt + dt_bias.to(dt.dtype))``, read out by ``matmul(new, C[..., None])``,
   ``+ x * D``, ``* silu(z)`` -> ``fxopt::selective_state_update(state, x, dt, A, B, C, D, z,
-  dt_bias)``;
+  dt_bias)``; when ``A`` is ``-exp(A_log.float())`` of a parameter (HF's mixer computes it every
+  step), the op takes ``A_log`` and computes ``A`` itself (two kernels per layer and step fewer);
 * rule ``conv_update``: ``w = cat([conv_state, x], -1)``, ``copy_(conv_state, w[..., -k:])``,
   ``silu(conv1d(w, weight, bias, groups=d)[..., -1:])`` -> ``fxopt::conv_state_update(x,
   conv_state, weight, bias)``.
@@ -321,7 +322,17 @@ def _match_state_update(copy: Node):
         final = nxt
     elif _dtype(final) != _dtype(x):
         _fail(f"the output is {_dtype(final)}, not x's dtype {_dtype(x)}")
-    args = (state, x, dt, A, B, C, D, z, dt_bias, softplus)
+    # A = -exp(A_log.float()) computed from a parameter every step (HF's mixer): folded into the op
+    a_is_log = False
+    if _is(A, aten.neg.default) and _is(A.args[0], aten.exp.default):
+        sub5 = _Match()
+        base = sub5.casts(A.args[0].args[0])
+        if base.op in ("get_attr", "placeholder") and all(_dtype(c) == torch.float32 for c in sub5.nodes) \
+                and _dtype(A.args[0]) == torch.float32:
+            for n in [A, A.args[0], *sub5.nodes]:
+                m.take(n)
+            A, a_is_log = base, True
+    args = (state, x, dt, A, B, C, D, z, dt_bias, softplus, a_is_log)
     return m, final, state, args
 
 
