@@ -215,3 +215,17 @@ def test_cuda_generate_replay_equals_no_replay(family):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(replayed, ref)
+
+
+def test_keyword_arguments_and_static_keywords():
+    def fn(x, *, scale, cache):
+        cache.add_(x)
+        return x * scale + cache.sum()
+
+    step = GraphReplay(fn, static_args=("cache",), backend="emulate")
+    cache, ref = torch.zeros(3), torch.zeros(3)
+    for i in range(4):
+        x = torch.full((3,), float(i))
+        assert torch.equal(step(x, scale=2.0, cache=cache), fn(x, scale=2.0, cache=ref))
+        assert torch.equal(cache, ref)
+    assert step.stats["replays"] == 3

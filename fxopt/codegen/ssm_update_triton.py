@@ -159,8 +159,43 @@ def _conv_update_kernel(
 # ----------------------------------------------------------------------------------------------
 # host wrappers
 # ----------------------------------------------------------------------------------------------
-_COMPILED: dict[tuple, object] = {}
-_MAX_COMPILED = 256
+class _Plan:
+    """One signature's launch: grid, every non-pointer argument, and (on CUDA, after the first
+    launch) the compiled kernel, launched directly. Everything that depends only on the signature
+    is computed once, here."""
+
+    __slots__ = ("kernel", "grid", "tail", "num_warps", "compiled")
+
+    def __init__(self, kernel, grid, tail, num_warps=4):
+        self.kernel, self.grid, self.tail, self.num_warps, self.compiled = kernel, grid, tail, num_warps, None
+
+    def launch(self, ptrs) -> None:
+        k = self.compiled
+        if k:
+            run_compiled(k, self.grid, torch._C._cuda_getCurrentRawStream(ptrs[0].device.index), (*ptrs, *self.tail))
+            return
+        res = self.kernel[self.grid](*ptrs, *self.tail, num_warps=self.num_warps)
+        if k is None and ptrs[0].is_cuda:
+            self.compiled = compiled_kernel(res) or False
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _sig(t: Optional[Tensor]):
+    # what Triton specialises a pointer on besides its dtype: 16-byte alignment (a kernel compiled
+    # for aligned inputs must not be replayed on misaligned ones); strides are launch arguments
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _plan(key, build) -> _Plan:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
 
 
 def _next_pow2(n: int) -> int:
@@ -169,25 +204,6 @@ def _next_pow2(n: int) -> int:
 
 def _block_d(d: int) -> int:
     return min(128, _next_pow2(max(d, 16)))
-
-
-def _launch(kernel, key, grid, ptrs, tail, num_warps):
-    """Launch with the compiled kernel cached under ``key`` (first call: through the JIT)."""
-    k = _COMPILED.get(key)
-    if k:
-        run_compiled(k, grid, torch._C._cuda_getCurrentRawStream(ptrs[0].device.index), (*ptrs, *tail))
-        return
-    res = kernel[grid](*ptrs, *tail, num_warps=num_warps)
-    if k is None and ptrs[0].is_cuda:
-        if len(_COMPILED) >= _MAX_COMPILED:
-            _COMPILED.clear()
-        _COMPILED[key] = compiled_kernel(res) or False
-
-
-def _pointer_key(ptrs) -> tuple:
-    # Triton specialises pointers on 16-byte alignment: a kernel compiled for aligned inputs must
-    # not be replayed on misaligned ones
-    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in ptrs)
 
 
 def _promote(*dtypes) -> torch.dtype:
@@ -204,18 +220,9 @@ def _tl(dtype: torch.dtype):
         raise TypeError(f"ssm_update kernels take fp32/fp16/bf16 tensors, got {dtype}") from None
 
 
-def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                                  D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                                  dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
-                                  A_is_log: bool = False) -> Tensor:
-    """``fxopt::selective_state_update`` on the GPU (or under TRITON_INTERPRET=1)."""
-    if any(t is not None and t.dtype == torch.float64 for t in (state, x, dt, A, B, C, D, z, dt_bias)):
-        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
+def _state_update_plan(state, x, dt, A, B, C, D, z, dt_bias, out, dt_softplus, A_is_log) -> _Plan:
     bsz, d = x.shape
     s = state.shape[-1]
-    out = torch.empty((bsz, d), dtype=x.dtype, device=x.device)
-    if bsz == 0 or d == 0:
-        return out
     # the dtypes the reference rounds its intermediates to
     xd = _promote(x.dtype, D.dtype) if D is not None else x.dtype
     summed = _promote(C.dtype, xd) if D is not None else C.dtype
@@ -224,17 +231,39 @@ def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tenso
     consts = (D is not None, z is not None, dt_bias is not None, bool(dt_softplus), bool(A_is_log),
               _tl(dt.dtype), _tl(C.dtype), _tl(xd), _tl(summed), _tl(zt), _tl(mul), _tl(state.dtype), _tl(x.dtype))
     BD = _block_d(d)
-    SP = _next_pow2(s)
-    dummy = x
-    ptrs = (state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            dt_bias if dt_bias is not None else dummy, out)
     strides = (*state.stride(), *x.stride(), *dt.stride(), *(z.stride() if z is not None else (0, 0)),
                *A.stride(), *B.stride(), *C.stride(), D.stride(0) if D is not None else 0,
                dt_bias.stride(0) if dt_bias is not None else 0, *out.stride())
-    tail = (d, s, *strides, *consts, BD, SP)
-    key = ("ssu", x.device.index, bsz, _pointer_key(ptrs), tail)
-    _launch(_state_update_kernel, key, (triton.cdiv(d, BD), bsz), ptrs, tail, 4)
+    return _Plan(_state_update_kernel, (triton.cdiv(d, BD), bsz), (d, s, *strides, *consts, BD, _next_pow2(s)))
+
+
+def selective_state_update_triton(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                  D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                                  dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                                  A_is_log: bool = False) -> Tensor:
+    """``fxopt::selective_state_update`` on the GPU (or under TRITON_INTERPRET=1)."""
+    if any(t is not None and t.dtype == torch.float64 for t in (state, x, dt, A, B, C, D, z, dt_bias)):
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    key = ("ssu", x.device.index, _sig(state), _sig(x), _sig(dt), _sig(A), _sig(B), _sig(C), _sig(D), _sig(z),
+           _sig(dt_bias), _sig(out), dt_softplus, A_is_log)
+    plan = _plan(key, lambda: _state_update_plan(state, x, dt, A, B, C, D, z, dt_bias, out, dt_softplus, A_is_log))
+    dummy = x
+    plan.launch((state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                 dt_bias if dt_bias is not None else dummy, out))
     return out
+
+
+def _conv_update_plan(x, conv_state, w, bias, out, silu) -> _Plan:
+    bsz, d, _ = x.shape
+    k = conv_state.shape[-1]
+    BD = _block_d(d)
+    tail = (d, k, *conv_state.stride(), x.stride(0), x.stride(1), *w.stride(),
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+            bias is not None, bool(silu), _tl(w.dtype), _tl(conv_state.dtype), _tl(x.dtype), BD, _next_pow2(k))
+    return _Plan(_conv_update_kernel, (triton.cdiv(d, BD), bsz), tail)
 
 
 def conv_state_update_triton(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -242,18 +271,11 @@ def conv_state_update_triton(x: Tensor, conv_state: Tensor, weight: Tensor, bias
     """``fxopt::conv_state_update`` on the GPU (or under TRITON_INTERPRET=1); x (b, d, 1)."""
     if x.shape[-1] != 1 or any(t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)):
         return conv_state_update_ref(x, conv_state, weight, bias, silu)
-    bsz, d, _ = x.shape
-    k = conv_state.shape[-1]
     w = weight if weight.dim() == 2 else weight[:, 0, :]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if bsz == 0 or d == 0:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
         return out
-    BD = _block_d(d)
-    KP = _next_pow2(k)
-    ptrs = (conv_state, x, w, bias if bias is not None else w, out)
-    tail = (d, k, *conv_state.stride(), x.stride(0), x.stride(1), *w.stride(),
-            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-            bias is not None, bool(silu), _tl(w.dtype), _tl(conv_state.dtype), _tl(x.dtype), BD, KP)
-    key = ("csu", x.device.index, bsz, _pointer_key(ptrs), tail)
-    _launch(_conv_update_kernel, key, (triton.cdiv(d, BD), bsz), ptrs, tail, 4)
+    key = ("csu", x.device.index, _sig(x), _sig(conv_state), _sig(w), _sig(bias), _sig(out), silu)
+    plan = _plan(key, lambda: _conv_update_plan(x, conv_state, w, bias, out, silu))
+    plan.launch((conv_state, x, w, bias if bias is not None else w, out))
     return out

@@ -11,9 +11,10 @@ value. A new key is warmed up (``warmup`` eager calls) and then captured.
 
 Contract:
 
-* **Inputs.** Non-static tensor arguments are copied into the graph's own buffers before each
-  replay, so callers may pass fresh tensors every call. Static arguments (``static_args``:
-  positions of arguments, e.g. weights or a cache, passed at the same address every call) are
+* **Inputs.** Positional and keyword arguments, each a tensor, a pytree of tensors or a plain
+  value. Non-static tensors are copied into the graph's own buffers before each replay, so
+  callers may pass fresh tensors every call. Static arguments (``static_args``: positions or
+  keyword names of arguments, e.g. weights or a cache, passed at the same address every call) are
   used in place: the graph reads and writes them directly. ``fn`` must not write into a
   non-static argument in place (its writes would land in the graph's buffer, not the caller's
   tensor): a warm-up call that bumps such an argument's version counter makes the key
@@ -74,26 +75,32 @@ def _leaf_key(a: Any, static: bool):
         return ("R", type(a).__qualname__, repr(a))
 
 
-def _flatten(args: tuple, static_args: frozenset) -> tuple[list, list[bool], Any]:
+def _flatten(args: tuple, kwargs: dict, static_args: frozenset) -> tuple[list, list[bool], Any]:
     """The call's input leaves (arguments may be pytrees: a cache tuple), which of them belong
-    to a static argument, and the structure to rebuild the arguments from leaves."""
+    to a static argument (by position, or keyword name), and the structure to rebuild
+    ``(args, kwargs)`` from leaves."""
     leaves: list = []
     static: list[bool] = []
-    for i, a in enumerate(args):
+    for key, a in [*enumerate(args), *sorted(kwargs.items())]:
         sub = pytree.tree_leaves(a)
         leaves += sub
-        static += [i in static_args] * len(sub)
-    return leaves, static, pytree.tree_structure(args)
+        static += [key in static_args] * len(sub)
+    return leaves, static, pytree.tree_structure((args, dict(sorted(kwargs.items()))))
+
+
+def _call(fn, leaves, spec):
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return fn(*args, **kwargs)
 
 
 class GraphReplay:
-    def __init__(self, fn: Callable, *, static_args: Sequence[int] = (), alias_outputs: bool = False,
+    def __init__(self, fn: Callable, *, static_args: Sequence[int | str] = (), alias_outputs: bool = False,
                  check: Optional[Callable[[], Optional[str]]] = None, warmup: int = 1, max_graphs: int = 16,
                  name: str | None = None, backend: str = "cuda"):
         if backend not in ("cuda", "emulate"):
             raise ValueError(f"backend must be 'cuda' or 'emulate', got {backend!r}")
         self.fn = fn
-        self.static_args = frozenset(int(i) for i in static_args)
+        self.static_args = frozenset(i if isinstance(i, str) else int(i) for i in static_args)
         self.alias_outputs = bool(alias_outputs)
         self.check = check
         self.warmup = max(1, int(warmup))
@@ -108,19 +115,19 @@ class GraphReplay:
         self._last_event = None
 
     # ------------------------------------------------------------------ public
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         with self._lock:
-            leaves, static, spec = _flatten(args, self.static_args)
+            leaves, static, spec = _flatten(args, kwargs, self.static_args)
             reason = self._not_replayable(leaves)
             if reason is not None:
-                return self._eager(args, None, reason)
+                return self._eager(leaves, spec, reason)
             if self.check is not None:
                 why = self.check()
                 if why is not None:
                     if self._entries:
                         self._note(f"{self.name}: dropped {len(self._entries)} captured graph(s): {why}")
                     self._entries.clear()
-                    return self._eager(args, None, f"not replayed: {why}")
+                    return self._eager(leaves, spec, f"not replayed: {why}")
             key = (spec, tuple(_leaf_key(a, st) for a, st in zip(leaves, static)))
             entry = self._entries.get(key)
             if entry is None:
@@ -130,11 +137,11 @@ class GraphReplay:
             else:
                 self._entries.move_to_end(key)
             if entry.reason is not None:
-                return self._eager(args, entry, None)
+                return self._eager(leaves, spec, None)
             if entry.calls < self.warmup:
-                return self._warm(args, leaves, static, entry)
+                return self._warm(leaves, static, spec, entry)
             if entry.graph is None and not self._capture(leaves, static, spec, entry):
-                return self._eager(args, entry, None)
+                return self._eager(leaves, spec, None)
             return self._replay(leaves, static, spec, entry)
 
     def invalidate(self) -> None:
@@ -161,16 +168,16 @@ class GraphReplay:
             return "gradients are recorded: runs eagerly"
         return None
 
-    def _eager(self, args, entry: Optional[_Entry], reason: Optional[str]):
+    def _eager(self, leaves, spec, reason: Optional[str]):
         if reason is not None:
             self._note(f"{self.name}: {reason}")
         self.stats["eager"] += 1
-        return self.fn(*args)
+        return _call(self.fn, leaves, spec)
 
-    def _warm(self, args, leaves, static, entry: _Entry):
+    def _warm(self, leaves, static, spec, entry: _Entry):
         versions = [(i, a._version) for i, (a, st) in enumerate(zip(leaves, static))
                     if isinstance(a, torch.Tensor) and not st]
-        out = self._eager(args, entry, None)
+        out = self._eager(leaves, spec, None)
         entry.calls += 1
         for i, v in versions:
             if leaves[i]._version != v:
@@ -191,13 +198,13 @@ class GraphReplay:
                 torch.cuda.synchronize()
                 # thread_local: CUDA work of other threads during the capture is not an error
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    out = self.fn(*pytree.tree_unflatten(static_in, spec))
+                    out = _call(self.fn, static_in, spec)
             else:
                 # a CUDA capture records without executing: run on copies of everything, static
                 # arguments included, so the emulated capture has no side effect either
                 graph = "emulated"
                 probe = [a.clone() if isinstance(a, torch.Tensor) else a for a in static_in]
-                out = self.fn(*pytree.tree_unflatten(probe, spec))
+                out = _call(self.fn, probe, spec)
             flat, spec = pytree.tree_flatten(out)
             bad = [type(o).__name__ for o in flat if not isinstance(o, (torch.Tensor,) + _NONTENSOR_OUT)]
             if bad:
@@ -225,7 +232,7 @@ class GraphReplay:
         if self.backend == "cuda":
             entry.graph.replay()
         else:
-            fresh = pytree.tree_leaves(self.fn(*pytree.tree_unflatten(entry.static_in, spec)))
+            fresh = pytree.tree_leaves(_call(self.fn, entry.static_in, spec))
             for dst, src in zip(entry.static_out, fresh):
                 if isinstance(dst, torch.Tensor):
                     dst.copy_(src)
