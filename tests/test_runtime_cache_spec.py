@@ -11,7 +11,7 @@ from fxopt.graph_utils import propagate_meta
 from fxopt.models.hf import tiny_gpt_neox
 from fxopt.runtime import CACHE_SPEC_KEY, CacheEntry, CacheSpec, CacheSpecError
 from fxopt.runtime.cache_spec import RecordCacheSpec, cache_spec_of, replace_cache_inputs
-from fxopt.runtime.generate import runtime_for
+from fxopt.runtime.engine import runtime_for
 
 aten = torch.ops.aten
 PAD = 3

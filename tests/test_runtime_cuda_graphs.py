@@ -201,7 +201,7 @@ def test_cuda_uncapturable_host_sync_falls_back():
 @pytest.mark.parametrize("family", ["neox", "mamba"])
 def test_cuda_generate_replay_equals_no_replay(family):
     from fxopt.models.hf import tiny_gpt_neox, tiny_hf_mamba
-    from fxopt.runtime.generate import runtime_for
+    from fxopt.runtime.engine import runtime_for
 
     model = (tiny_gpt_neox() if family == "neox" else tiny_hf_mamba()).cuda()
     ids = torch.randint(3, 128, (2, 40), device="cuda")

@@ -9,7 +9,7 @@ import torch
 import fxopt
 from fxopt import runtime
 from fxopt.models.hf import tiny_gpt_neox
-from fxopt.runtime.generate import runtime_for
+from fxopt.runtime.engine import runtime_for
 
 
 def _left_padded(b: int, length: int, pads: list[int], seed: int = 0):

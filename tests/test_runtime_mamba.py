@@ -9,7 +9,7 @@ import fxopt
 from fxopt import runtime
 from fxopt.models.hf import tiny_hf_mamba
 from fxopt.ops.ssm_update import CONV_STATE_UPDATE, SELECTIVE_STATE_UPDATE
-from fxopt.runtime.generate import runtime_for
+from fxopt.runtime.engine import runtime_for
 
 
 def scrambled_mamba(seed: int = 0, std: float = 0.3, **overrides):

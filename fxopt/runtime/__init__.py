@@ -1,7 +1,7 @@
 """fxopt.runtime: generation with static caches (HF GPTNeoX, HF Mamba) and CUDA-graph replay.
 
 * :func:`generate` / :func:`cache_bytes` for an :class:`fxopt.OptimizedModule`
-  (:mod:`fxopt.runtime.generate`);
+  (:mod:`fxopt.runtime.engine`);
 * :class:`CacheSpec` / :class:`CacheEntry`: what a generation graph's cache holds, recorded in
   the graph module's meta and changeable by passes (:mod:`fxopt.runtime.cache_spec`);
 * :class:`GraphReplay`: CUDA-graph replay of a callable's specialisations
@@ -10,7 +10,7 @@
 from .cache_spec import CACHE_SPEC_KEY, CacheEntry, CacheSpec, CacheSpecError, RecordCacheSpec, cache_spec_of, replace_cache_inputs, set_cache_spec
 from .cuda_graphs import GraphReplay
 from .family import UnsupportedModelError
-from .generate import GenerateError, cache_bytes, cache_length, generate, report
+from .engine import GenerateError, cache_bytes, cache_length, generate, report
 from .guards import ModelGuard
 from .sampling import UNSET, GenerationConfigError
 

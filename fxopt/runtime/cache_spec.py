@@ -1,6 +1,6 @@
 """What a generation graph's cache is: :class:`CacheSpec`, carried in the graph module's meta.
 
-The runtime (:mod:`fxopt.runtime.generate`) never decides what the cache holds. A family's
+The runtime (:mod:`fxopt.runtime.engine`) never decides what the cache holds. A family's
 step wrapper (:mod:`fxopt.runtime.neox`, :mod:`fxopt.runtime.mamba`) *declares* it, the
 :class:`RecordCacheSpec` pass, which runs first on every captured prefill and decode graph,
 writes that declaration into ``graph_module.meta[CACHE_SPEC_KEY]``, and later passes may
