@@ -8,6 +8,7 @@
     python benchmarks/scan.py --compare cfgs.json --rounds 3   # {"b,L,d,n": [config, ...]}
     python benchmarks/scan.py --check [--profile-host]          # GPU correctness, host time per call
     python benchmarks/scan.py --json out.json
+    python benchmarks/scan.py --skip-kernels --e2e-lengths 2048   # end-to-end rows only (HF Mamba 130m shape)
 
 Kernel table, per shape (b, L, d, n): the eager loop (the seed-style Python loop of
 ``fxopt.models.seed_mamba.selective_scan`` without the D term folded differently), torch.compile of
@@ -15,6 +16,11 @@ that loop (L=512 only, with its compile time), the fxopt kernel (``fxopt::select
 impl), the HBM floor (bytes of u, delta, B, C read and y written / measured copy bandwidth) and the
 fraction of the floor reached. Times are ``triton.testing.do_bench`` medians. Every fxopt timing is
 preceded by a correctness check against the reference on the same random data.
+
+End-to-end rows (HF Mamba 130m shape, b1, fp32 and bf16): HF's torch-only slow path, HF with the
+official kernels (mamba_ssm + causal-conv1d from ``.peers``, timed in a child process because HF
+binds them at import; "absent" without them), fxopt called from Python, and fxopt replayed from a
+CUDA graph (``fxopt.runtime.GraphReplay``: bit-equality with the non-replayed logits checked).
 """
 from __future__ import annotations
 
@@ -514,12 +520,14 @@ def e2e_rows(args):
                     graph_equal = bool(torch.equal(_logits(gout), logits))
                 except Exception as exc:  # noqa: BLE001 - report, do not hide the rest of the table
                     graph_ms, graph_equal = None, f"{type(exc).__name__}: {exc}"[:200]
+                replay_ms, replay_equal, replay_notes = _replay_ms(opt, ids, logits, _logits)
             if dtype == torch.float32:
                 ref32 = ref.float()
             row = dict(L=L, dtype=str(dtype).split(".")[-1], eager_ms=eager_s * 1e3, fxopt_ms=fx_ms,
                        speedup=eager_s * 1e3 / fx_ms, fxopt_steady_ms=steady_ms, speedup_steady=eager_s * 1e3 / steady_ms,
                        fxopt_graph_ms=graph_ms,
                        speedup_graph=(eager_s * 1e3 / graph_ms) if graph_ms else None, graph_bit_equal=graph_equal,
+                       fxopt_replay_ms=replay_ms, replay_bit_equal=replay_equal, replay_notes=replay_notes,
                        optimize_s=optimize_s, max_abs_logit=ref32.abs().max().item(),
                        eager_err_vs_fp32=(ref.float() - ref32).abs().max().item(),
                        fxopt_err_vs_fp32=(logits.float() - ref32).abs().max().item(),
@@ -528,15 +536,91 @@ def e2e_rows(args):
             print(json.dumps(row), flush=True)
             del model, opt
             torch.cuda.empty_cache()
+    if rows and not args.skip_peers:
+        peer = _peer_e2e(args)
+        for r in rows:
+            r["hf_kernels_ms"] = peer.get(f"{r['L']},{r['dtype']}", peer.get("absent"))
     if rows:
-        print(f"\n{'L':>6} {'dtype':<9}{'eager ms':>10}{'fxopt ms':>10}{'x':>7}{'steady ms':>10}{'x':>7}{'graph ms':>10}{'x':>7}"
-              f"{'optimize s':>11}{'eager err':>11}{'fxopt err':>11}  (errors: max |logit - fp32 eager|)")
+        print(f"\n{'L':>6} {'dtype':<9}{'eager ms':>10}{'kernels':>9}{'fxopt ms':>10}{'x':>7}{'steady ms':>10}{'x':>7}"
+              f"{'graph ms':>10}{'x':>7}{'replay ms':>10}{'optimize s':>11}{'eager err':>11}{'fxopt err':>11}"
+              f"  (kernels: HF with mamba_ssm + causal-conv1d; replay: fxopt.runtime.GraphReplay; errors: max |logit - fp32 eager|)")
         for r in rows:
             g = f"{r['fxopt_graph_ms']:>10.2f}{r['speedup_graph']:>7.0f}" if r["fxopt_graph_ms"] else f"{'-':>10}{'-':>7}"
-            print(f"{r['L']:>6} {r['dtype']:<9}{r['eager_ms']:>10.1f}{r['fxopt_ms']:>10.2f}{r['speedup']:>7.0f}"
-                  f"{r['fxopt_steady_ms']:>10.2f}{r['speedup_steady']:>7.0f}{g}"
+            k = r.get("hf_kernels_ms")
+            k = f"{k:>9.2f}" if isinstance(k, float) else f"{str(k or '-')[:8]:>9}"
+            rp = f"{r['fxopt_replay_ms']:>10.2f}" if r.get("fxopt_replay_ms") else f"{'-':>10}"
+            print(f"{r['L']:>6} {r['dtype']:<9}{r['eager_ms']:>10.1f}{k}{r['fxopt_ms']:>10.2f}{r['speedup']:>7.0f}"
+                  f"{r['fxopt_steady_ms']:>10.2f}{r['speedup_steady']:>7.0f}{g}{rp}"
                   f"{r['optimize_s']:>11.1f}{r['eager_err_vs_fp32']:>11.3g}{r['fxopt_err_vs_fp32']:>11.3g}")
     return rows
+
+
+def _replay_ms(opt, ids, logits, logits_of):
+    """The optimized forward replayed through fxopt.runtime.GraphReplay (copy-out outputs): ms per
+    call over 20 back-to-back calls, whether its logits are bit-equal to the non-replayed call's,
+    and the replay's notes (why it fell back, if it did)."""
+    from fxopt.runtime import GraphReplay
+
+    try:
+        step = GraphReplay(lambda i: logits_of(opt(i)), name="forward")
+        for _ in range(3):  # warm-up, capture, first replay
+            out = step(ids)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step(ids)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / 20 * 1e3
+        return (ms if step.stats["replays"] else None), bool(torch.equal(out, logits)), step.notes
+    except Exception as exc:  # noqa: BLE001 - report, do not hide the rest of the table
+        return None, f"{type(exc).__name__}: {exc}"[:200], []
+
+
+def _peer_e2e(args) -> dict:
+    """HF Mamba 130m with the official kernels (mamba_ssm + causal-conv1d, built from .peers), in a
+    child process: HF binds those kernels at import. {"L,dtype": ms} or {"absent": reason}."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    if not os.path.isdir(os.path.join(root, ".peers")):
+        return {"absent": "absent"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--e2e-peer-child", "--e2e-lengths", *map(str, args.e2e_lengths)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
+    line = [x for x in r.stdout.splitlines() if x.startswith("PEER_JSON ")]
+    if not line:
+        print(f"peer child failed: {r.stderr[-800:]}", flush=True)
+        return {"absent": "failed"}
+    return json.loads(line[-1][len("PEER_JSON "):])
+
+
+def _peer_child(args) -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".peers"))
+    import peers
+
+    peers.install()
+    import transformers
+
+    from fxopt.models.hf import mamba_130m_config
+
+    out = {}
+    for L in args.e2e_lengths:
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = transformers.MambaForCausalLM(mamba_130m_config()).eval().to("cuda", dtype)
+            ids = torch.randint(0, 50280, (1, L), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            with torch.no_grad():
+                for _ in range(3):
+                    model(ids, use_cache=False)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    model(ids, use_cache=False)
+                torch.cuda.synchronize()
+            out[f"{L},{str(dtype).split('.')[-1]}"] = (time.perf_counter() - t0) / 20 * 1e3
+            del model
+            torch.cuda.empty_cache()
+    print("PEER_JSON " + json.dumps(out), flush=True)
+    return 0
 
 
 def main(argv=None):
@@ -568,11 +652,15 @@ def main(argv=None):
     p.add_argument("--gs", type=int, nargs="*", default=None, help="tune: group counts to try")
     p.add_argument("--e2e-lengths", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--e2e-passes", default="scan,cleanup", help="comma-separated passes for the end-to-end rows")
+    p.add_argument("--skip-peers", action="store_true", help="no HF-with-official-kernels column (needs .peers)")
+    p.add_argument("--e2e-peer-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/scan.py needs a CUDA device", file=sys.stderr)
         return 2
+    if args.e2e_peer_child:
+        return _peer_child(args)
     import triton
 
     dev = torch.cuda.get_device_name()
