@@ -630,6 +630,11 @@ class Spec:
         return max(self.widths.values())
 
 
+def _widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every ``src`` value is a ``dst`` value."""
+    return src == dst or dst == torch.float64 or (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
+
+
 def _meta_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")
 
@@ -652,6 +657,12 @@ def plan(region: Region, xs: Sequence[torch.Tensor]) -> tuple[list, Spec | None,
     lead = tuple(outs[0].shape[:-1])
     if any(tuple(o.shape[:-1]) != lead for o in outs):
         return layouts, None, "outputs with different row shapes"
+    for k, s in enumerate(region.stmts):
+        if s.op in ("add", "sub", "mul", "div") and any(
+                not _widens_exactly(region.dtype_of(a), s.dtype) for a in s.operands):
+            # only a 0-dim operand can be wider than the result (eager's promotion); CPU eager
+            # uses its value as is, CUDA eager rounds it to the result dtype first
+            return layouts, None, f"statement t{k} has a 0-dim operand wider than its result"
     widths = {n: (int(v.shape[-1]) if v.dim() else 1) for n, v in env.items()}
     rows = math.prod(lead)
     if rows == 0 or any(w == 0 for w in widths.values()):
