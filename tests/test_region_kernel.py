@@ -349,9 +349,11 @@ def test_kernel_config():
                          + [torch.empty(1, 1, 2048, 20, dtype=torch.float16, device="meta")] * 2)
     cfg = rt.kernel_config(spec)
     assert cfg.block_n == 128 and cfg.block_m == 16
-    with pytest.raises(CodegenError):
-        _, spec, _ = rg.plan(rb.bias_gelu(torch.float16), [torch.empty(2, 20000, dtype=torch.float16, device="meta"),
-                                                           torch.empty(20000, dtype=torch.float16, device="meta")])
+    # a row reduction needs the whole row in one program: wider than 16384 columns is refused
+    wide = [torch.empty(2, 20000, dtype=torch.float16, device="meta")] * 2 + \
+        [torch.empty(20000, dtype=torch.float16, device="meta")] * 2
+    _, spec, _ = rg.plan(rb.neox_serial_residual_layernorm(torch.float16), wide)
+    with pytest.raises(CodegenError, match="16384"):
         rt.kernel_config(spec)
 
 
@@ -387,3 +389,25 @@ def test_zero_dim_wider_operand_is_not_generated():
     launcher = rl.make_launcher([x, s], region.text, "triton")
     assert launcher.launch is None and "0-dim" in launcher.reason
     bitwise.check(region.evaluate([x, s])[0], launcher([x, s])[0])
+
+
+def test_column_tiles_for_regions_without_reductions():
+    """A pointwise region tiles wide rows over several programs (the MLP's 4d = 10240 columns
+    in blocks of 1024): slices and cats that cross tile boundaries and a one-value-per-row
+    output (written once) stay bit-equal."""
+    region = rg.parse_region(
+        "x0:f16,x1:f16|t0=slice(x0,start=1000,stop=2100):f16;t1=neg(t0):f16;t2=slice(x0,start=0,stop=1000):f16;"
+        "t3=cat(t1,t2):f16;t4=mul(t3,x1):f16;t5=slice(t4,start=2050,stop=2051):f16;t6=neg(t5):f16->t4,t6")
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 2100, generator=g).half(), torch.randn(2100, generator=g).half()]
+    _, spec, _ = rg.plan(region, xs)
+    cfg = rt.kernel_config(spec)
+    assert rt.tiles_columns(region) and (cfg.block_n, cfg.col_blocks) == (1024, 3)
+    for r, o in zip(region.evaluate(xs), _run(region, xs)):
+        bitwise.check(r, o)
+    metas = [torch.empty(8, 2048, 10240, dtype=torch.float16, device="meta"),
+             torch.empty(10240, dtype=torch.float16, device="meta")]
+    _, spec, _ = rg.plan(rb.bias_gelu(torch.float16), metas)
+    cfg = rt.kernel_config(spec)
+    assert (cfg.block_m, cfg.block_n, cfg.col_blocks, cfg.num_warps) == (2, 1024, 10, 4)
+    assert not rt.tiles_columns(rb.neox_residual_two_layernorms())

@@ -60,7 +60,7 @@ def _triton_launch(spec: rg.Spec, xs: Sequence[torch.Tensor]) -> tuple[Callable,
     mod = load_triton_module(name, src, signature=f"interpret={interpret}")
     fn = getattr(mod, name)
     scalars = rt.scalar_args(spec)
-    grid = (triton.cdiv(spec.rows, cfg.block_m), 1, 1)
+    grid = (triton.cdiv(spec.rows, cfg.block_m), cfg.col_blocks, 1)
     opts = dict(num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
     if interpret:
         opts = {}  # the interpreter takes no compile options

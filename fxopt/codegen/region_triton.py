@@ -1,9 +1,10 @@
 """Triton emitter for regions (:mod:`fxopt.codegen.region`): one kernel per specialisation.
 
 Glossary: ``r`` rows (all leading dims of the outputs, collapsed), ``n`` columns (the last dim).
-A program owns ``BLOCK_M`` rows and all ``BLOCK_N >= n`` columns of them (masked when ``n`` is
-not a power of two), so a row reduction is a register reduction inside the program and every
-output is written once. Per operand the kernel gets its row strides over the collapsed row
+A program owns ``BLOCK_M`` rows and, in a region with row reductions, all ``BLOCK_N >= n``
+columns of them (masked when ``n`` is not a power of two), so a row reduction is a register
+reduction inside the program and every output is written once; a purely pointwise region
+tiles the columns too (``BLOCK_N <= 1024``, grid ``(row blocks, column tiles)``). Per operand the kernel gets its row strides over the collapsed row
 dims and its column stride, so broadcast (stride 0) and non-contiguous operands are read in
 place; a width-1 operand is one value per row.
 
@@ -43,6 +44,7 @@ from .elementwise import TRITON_BF16_HELPERS
 from .region import OPS, Region, Spec
 
 MAX_BLOCK_N = 16384
+MAX_TILE_N = 1024  # column tile of regions without row reductions
 VEC0 = ("v", 0)  # position of a value: the whole row, lane c holding column c
 # <cmath>'s constants, as the doubles ATen's GELU kernels start from
 _M_SQRT2 = float("1.41421356237309504880")
@@ -78,20 +80,33 @@ def _lit(v: float) -> str:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shape of one specialisation (the emitted source does not depend on it)."""
+    """Launch shape of one specialisation (the emitted source does not depend on it): the
+    grid is ``(cdiv(rows, block_m), col_blocks)``."""
 
     block_m: int
     block_n: int
     num_warps: int
     i64: bool
+    col_blocks: int = 1
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def tiles_columns(region: Region) -> bool:
+    """Regions without row reductions need not see a whole row: their programs tile the
+    columns too (blocks of at most :data:`MAX_TILE_N`), so wide rows (the MLP's 4d) keep a
+    small register footprint."""
+    return all(OPS[s.op].kind not in ("reduce", "row") for s in region.stmts)
+
+
 def kernel_config(spec: Spec, interpret: bool = False) -> KernelConfig:
     block_n = _next_pow2(spec.max_width)
+    col_blocks = 1
+    if tiles_columns(spec.region) and block_n > MAX_TILE_N:
+        block_n = MAX_TILE_N
+        col_blocks = -(-spec.max_width // block_n)
     if block_n > MAX_BLOCK_N:
         raise CodegenError(f"region rows of {spec.max_width} columns exceed the kernel's limit {MAX_BLOCK_N}")
     target = 1024 if interpret else 2048
@@ -105,7 +120,7 @@ def kernel_config(spec: Spec, interpret: bool = False) -> KernelConfig:
         span += abs(op.col_stride) * (block_n + spec.max_width) + rs_max * block_m
         extent = max(extent, span)
     i64 = max(extent, spec.rows + block_m) >= 2**31 - 1
-    return KernelConfig(block_m, block_n, num_warps, i64)
+    return KernelConfig(block_m, block_n, num_warps, i64, col_blocks)
 
 
 def static_key(spec: Spec) -> tuple:
@@ -412,12 +427,19 @@ class _Emitter:
         params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "I64: tl.constexpr"]
         w = self.w
         w("pid = tl.program_id(0)")
+        tiled = tiles_columns(region)
         w("if I64:")
         w("    rows = (pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64))[:, None]")
-        w("    cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]")
+        if tiled:
+            w("    cols = (tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64))[None, :]")
+        else:
+            w("    cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]")
         w("else:")
         w("    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]")
-        w("    cols = tl.arange(0, BLOCK_N)[None, :]")
+        if tiled:
+            w("    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]")
+        else:
+            w("    cols = tl.arange(0, BLOCK_N)[None, :]")
         w("rmask = rows < R")
         if nd == 1:
             w("i0 = rows")
@@ -446,7 +468,9 @@ class _Emitter:
             else:
                 sv = v
             if op.width == 1:
-                w(f"tl.store(o{j}_ptr + oo{j}, {sv}, mask=rmask)")
+                # one value per row: written by the first column tile only
+                first = " & (tl.program_id(1) == 0)" if tiled else ""
+                w(f"tl.store(o{j}_ptr + oo{j}, {sv}, mask=rmask{first})")
             else:
                 addr = "cols" if op.col_stride == 1 else f"cols * o{j}_cs"
                 w(f"tl.store(o{j}_ptr + oo{j} + {addr}, {self.full(sv)}, mask=rmask & ({self.colmask(op.width)}))")
