@@ -169,3 +169,47 @@ def test_cpu_op_bitwise_on_random_layouts(data):
     for got, want in zip(OP([x, y], region.text), region.evaluate([x, y])):
         assert got.stride() == want.stride()
         bitwise.check(want, got)
+
+
+def test_forward_mode_ad_is_refused():
+    import torch.autograd.forward_ad as fwAD
+
+    region = rb.bias_gelu(torch.float32)
+    x, b = torch.randn(3, 5), torch.randn(5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(FxoptError, match="forward-mode AD"):
+            fr.fused_region([dual, b], region.text)
+
+
+def test_torch_func_transforms_get_a_clear_error():
+    """torch cannot run a torch.library op with registered autograd inside functorch
+    transforms; the entry point says so instead of a traceback from torch.autograd.Function."""
+    region = rb.bias_gelu(torch.float64)
+    x, b = torch.randn(2, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with pytest.raises(FxoptError, match="torch.func"):
+        torch.func.grad(lambda a: fr.fused_region([a, b], region.text)[0].sum())(x)
+    with pytest.raises(FxoptError, match="torch.func"):
+        torch.func.vmap(lambda a: fr.fused_region([a, b], region.text)[0])(x)
+
+
+def test_fast_path_under_the_interpreter(monkeypatch, tmp_path):
+    """The dispatcher bypass (taken on CUDA) driven with CPU tensors through the interpreted
+    kernel: cached per specialisation, and never taken when a gradient could flow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fr, "FAST_PATH_ON_CPU", True)
+    monkeypatch.setattr(fr, "_FAST", {})
+    region = rb.rotary_qk(torch.float16, 16, 4)
+    qkv = torch.randn(1, 5, 2, 48).half().transpose(1, 2)
+    cos, sin = torch.randn(1, 1, 5, 4).half(), torch.randn(1, 1, 5, 4).half()
+    xs = [qkv[..., :16], qkv[..., 16:32], cos, sin]
+    outs = fr.fused_region(xs, region.text)
+    assert len(fr._FAST) == 1 and next(iter(fr._FAST.values())).launch is not None
+    for r, o in zip(region.evaluate(xs), outs):
+        bitwise.check(r, o)
+    fr.fused_region(xs, region.text)
+    assert len(fr._FAST) == 1  # the same specialisation: reused
+    g = [x.detach().clone().requires_grad_() for x in xs]
+    out = fr.fused_region(g, region.text)
+    assert out[0].grad_fn is not None and len(fr._FAST) == 1  # went through the op

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from .. import config
 from ..codegen import region as rg
@@ -48,7 +49,20 @@ def _evaluate(xs: Sequence[torch.Tensor], region: str) -> list[torch.Tensor]:
     return rg.parse_region(region).evaluate(list(xs))
 
 
+def _refuse_forward_ad() -> None:
+    # the op has reverse-mode autograd only: under a forward-AD dual level (forward_ad, or
+    # torch.func.jvp) torch would run it as if no input had a tangent and return zero tangents,
+    # silently. (The same check as main's fxopt.ops.ad_support.refuse_forward_ad, which this
+    # branch predates: use that one after the merge.)
+    if _fwad._current_level >= 0:
+        raise CodegenError(
+            f"{OP_NAME} was called under forward-mode AD (torch.autograd.forward_ad.dual_level or "
+            "torch.func.jvp); the fused region implements reverse mode only and would return zero "
+            "tangents. Use reverse mode (backward / torch.autograd.grad), or the unoptimized model.")
+
+
 def _cpu_impl(xs, region):
+    _refuse_forward_ad()
     return _evaluate(xs, region)
 
 
@@ -58,6 +72,7 @@ def _fake_impl(xs, region):
 
 
 def _cuda_impl(xs, region):
+    _refuse_forward_ad()
     return rl.get_launcher(xs, region, config.backend())(xs)
 
 
@@ -107,32 +122,53 @@ fused_region_op = torch.ops.fxopt.fused_region.default
 # ----------------------------------------------------------------------------------
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
-_grad_enabled = torch.is_grad_enabled
+_grad_enabled = torch._C.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+_functorch_active = torch._C._are_functorch_transforms_active
 _Tensor = torch.Tensor
 _backend_raw = config.backend_raw
 _FAST: dict[tuple, rl.RegionLauncher] = {}
+
+# Tests set this to drive the launcher path with CPU tensors under TRITON_INTERPRET=1 (no GPU
+# in CI). On CUDA tensors ``x0.is_cuda`` short-circuits and it is never read.
+FAST_PATH_ON_CPU = False
 
 
 def fused_region(xs, region: str):
     """What rewritten graphs call; semantically ``fxopt::fused_region(xs, region)``.
 
-    Plain CUDA tensors outside tracing, with no input needing a gradient, go straight to the
-    cached launcher (no dispatcher round trip); everything else calls the op (so exported or
-    compiled graphs contain ``fxopt::fused_region`` and autograd sees it)."""
+    On plain CUDA tensors outside any tracing, and when no gradient can flow through the call,
+    it skips the dispatcher and goes straight to the cached launcher (decode-size calls are
+    launch-bound). Otherwise it calls the op: under tracing (fake tensors, export, compile,
+    dispatch modes), so a rewritten graph exports to the op; and whenever autograd would record
+    the call (grad mode with an input requiring grad, a torch.func transform, a forward-AD
+    level), so the outputs carry history (or forward mode gets its clear error)."""
     x0 = xs[0]
-    if type(x0) is _Tensor and x0.is_cuda and not _is_compiling() and not _dispatch_depth():
+    if (
+        type(x0) is _Tensor
+        and (x0.is_cuda or FAST_PATH_ON_CPU)
+        and not (_grad_enabled() and _any_requires_grad(*xs))
+        and _fwad._current_level < 0
+        and not _functorch_active()
+        and not _is_compiling()
+        and not _dispatch_depth()
+    ):
         key = (region, _backend_raw(), x0.get_device(),
                *[(x.shape, x.stride(), x.dtype, x.data_ptr() & 15) for x in xs])
         launcher = _FAST.get(key)
         if launcher is None:
-            if not all(type(x) is _Tensor and x.is_cuda and x.device == x0.device for x in xs):
+            if not all(type(x) is _Tensor and x.device == x0.device for x in xs):
                 return fused_region_op(xs, region)
             if len(_FAST) >= rl._MAX_LAUNCHERS:
                 _FAST.clear()
             launcher = _FAST[key] = rl.get_launcher(xs, region, config.backend())
-        if _grad_enabled() and any(x.requires_grad for x in xs):
-            return fused_region_op(xs, region)
         return launcher(xs)
+    if _functorch_active():
+        raise CodegenError(
+            f"{OP_NAME} under a torch.func transform (grad, vmap, jacrev, jvp): torch cannot run an "
+            "op whose autograd is registered with torch.library inside functorch transforms. Use "
+            "torch.autograd.grad / backward on the optimized module, or the transform on the "
+            "unoptimized model.")
     return fused_region_op(xs, region)
 
 
