@@ -251,6 +251,27 @@ _TL_DTYPE = {
 }
 
 
+# Triton source lines of the bf16 <-> fp32 helpers (shared with the region emitter).
+TRITON_BF16_HELPERS: tuple[str, ...] = (
+    "",
+    "",
+    "# bf16 <-> fp32 by bit manipulation: exact widening, and round-to-nearest-even with",
+    "# NaN -> 0x7FC0 exactly like c10::BFloat16 (and the same on the GPU and under",
+    "# TRITON_INTERPRET=1, whose own fp32->bf16 cast truncates and mishandles subnormals)",
+    "@triton.jit",
+    "def _bf16_to_f32(x):",
+    "    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)",
+    "",
+    "",
+    "@triton.jit",
+    "def _f32_to_bf16_rne(x):",
+    "    b = x.to(tl.uint32, bitcast=True)",
+    "    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16",
+    "    r = tl.where(x != x, 0x7FC0, r)",
+    "    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)",
+)
+
+
 def triton_kernel_name(tree: Tree, dtype: torch.dtype, in_linear: Sequence[bool], out_linear: Sequence[bool], ndim: int) -> str:
     access = "".join("l" if x else "s" for x in (*in_linear, *out_linear))
     dt = str(dtype).replace("torch.", "")
@@ -298,22 +319,7 @@ def emit_triton(
     w("import triton")
     w("import triton.language as tl")
     if bf16:
-        w("")
-        w("")
-        w("# bf16 <-> fp32 by bit manipulation: exact widening, and round-to-nearest-even with")
-        w("# NaN -> 0x7FC0 exactly like c10::BFloat16 (and the same on the GPU and under")
-        w("# TRITON_INTERPRET=1, whose own fp32->bf16 cast truncates and mishandles subnormals)")
-        w("@triton.jit")
-        w("def _bf16_to_f32(x):")
-        w("    return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)")
-        w("")
-        w("")
-        w("@triton.jit")
-        w("def _f32_to_bf16_rne(x):")
-        w("    b = x.to(tl.uint32, bitcast=True)")
-        w("    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16")
-        w("    r = tl.where(x != x, 0x7FC0, r)")
-        w("    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)")
+        L.extend(TRITON_BF16_HELPERS)
     w("")
     w("")
     w("@triton.jit")
