@@ -102,7 +102,7 @@ def same_bits(a, b) -> bool:
 # ----------------------------------------------------------------------------- 1
 def correctness(backends) -> dict:
     from fxopt.codegen import elementwise as ew
-    from fxopt.ops.fused_add import run_generated
+    from fxopt.codegen.add_tree_launch import run_generated
     from fxopt.testing.strategies import special_values
 
     res = {}
@@ -168,6 +168,7 @@ def copy_bandwidth() -> float:
 
 # ----------------------------------------------------------------------------- 3
 def chain_bench(backends, bw: float, quick: bool) -> list[dict]:
+    from fxopt.codegen import add_tree_launch
     from fxopt.ops import fused_add
 
     op = torch.ops.fxopt.fused_add_tree.default
@@ -206,8 +207,8 @@ def chain_bench(backends, bw: float, quick: bool) -> list[dict]:
                     row[f"{backend}_us"] = timer(fused, iters) * 1e6
                     row[f"{backend}_graph_us"] = time_graph(fused) * 1e6
                     row[f"{backend}_op_us"] = timer(via_op, iters) * 1e6
-                    launcher = fused_add.get_launcher(xs, TREE, backend)
-                    row[f"{backend}_launcher_us"] = timer(lambda: launcher(xs, TREE), iters) * 1e6
+                    launcher = add_tree_launch.launcher_for(xs, TREE, backend)
+                    row[f"{backend}_launcher_us"] = timer(lambda: launcher(xs), iters) * 1e6
                 except Exception as exc:
                     row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             os.environ["FXOPT_BACKEND"] = "triton"

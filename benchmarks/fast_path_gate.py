@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from fxopt.codegen import add_tree_launch as atl
+from fxopt.ops import ad_support
 from fxopt.ops import fused_add as fa
 
 TREE = "t0=add(x0,x1);t1=add(t0,x2)->t1"
@@ -25,19 +27,17 @@ TREE = "t0=add(x0,x1);t1=add(t0,x2)->t1"
 def _without_autograd_checks(xs, tree):
     """The entry point as it was before the autograd checks (for comparison only)."""
     x0 = xs[0]
-    if type(x0) is fa._Tensor and (x0.is_cuda or fa.FAST_PATH_ON_CPU) and not fa._is_compiling() and not fa._dispatch_depth():
-        key = (tree, fa._backend_raw(), x0.get_device(), *[(x.shape, x.stride(), x.dtype, x.data_ptr() & 15) for x in xs])
-        launcher = fa._FAST.get(key)
+    if (type(x0) is torch.Tensor and (x0.is_cuda or fa.FAST_PATH_ON_CPU) and not ad_support._is_compiling()
+            and not ad_support._dispatch_depth()):
+        launcher = atl._LAUNCHERS.get(atl.launcher_key(xs, tree))
         if launcher is None:
             return fa.fused_add_tree_op(xs, tree)
-        return launcher(xs, tree)
+        return launcher(xs)
     return fa.fused_add_tree_op(xs, tree)
 
 
 class _Stub:
-    numel = 1
-
-    def __call__(self, xs, tree):
+    def __call__(self, xs):
         return xs[:1]
 
 
@@ -67,8 +67,8 @@ def main() -> None:
     with torch.no_grad():
         fa.fused_add_tree(xs, TREE)  # build the specialisation (real launcher on CUDA)
     if not cuda or args.stub:
-        for k in list(fa._FAST):
-            fa._FAST[k] = _Stub()
+        for k in list(atl._LAUNCHERS):
+            atl._LAUNCHERS[k] = _Stub()
     what = "real launcher" if cuda and not args.stub else "stub launcher"
     print(f"fused_add_tree host time per call, {device}, {what}, (1,1,2560) fp16 x3, best of 5 x {args.n}")
     rows = []

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What one device-tool session runs on the H100, stage by stage (one call of the tool has 10 min):
-#   tests     the GPU tests (exp copies, kernel contract, launch plans)           ~8 min
+#   tests     the GPU tests (exp copies, kernel contract, launch plans, entry points) ~8 min
 #   compare   exp modes and launch choices, interleaved rounds (compare_exp.json)  ~1 min
 #   contract  the op's contract over 5 regimes of exp(delta A), both exp modes      ~2 min
 #   table     eager, torch.compile (L=512), fxopt, floor; end-to-end HF Mamba       ~7 min
 #   e2e       the end-to-end rows again (host-bound: the run-to-run spread matters) ~3 min
+#   host      host time per call of the ops: op vs graph entry point vs mamba_ssm   ~1 min
 # usage: benchmarks/h100_session.sh STAGE [STAGE ...]; results go to $OUT (the device tool's
 # output folder) or ./out.
 set -uo pipefail
@@ -28,6 +29,8 @@ for stage in "$@"; do
       python benchmarks/scan.py --dtypes-all --json "$out/scan_table_$day.json" 2>&1 | grep -v '^{' | tail -30 ;;
     e2e)
       python benchmarks/scan.py --skip-kernels --json "$out/scan_e2e_rerun_$day.json" 2>&1 | grep -v '^{' | tail -8 ;;
+    host)
+      python benchmarks/host_cost.py --json "$out/host_cost_$day.json" 2>&1 | grep -v '^{' | tail -32 ;;
     *)
       echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -4,7 +4,7 @@
     python benchmarks/scan.py --skip-compile  # without torch.compile (L=512 compile takes minutes)
     python benchmarks/scan.py --skip-e2e      # kernel table only
     python benchmarks/scan.py --tune          # sweep block shapes of the Triton kernel
-    python benchmarks/scan.py --tune --blocks 'seqk,16,8,1,pf2;seqk,32,4,1' --gs 1 16 32
+    python benchmarks/scan.py --tune --blocks 'gluon,2,1,16,2,3;triton,32,8,1,pf2' --gs 1 16 32
     python benchmarks/scan.py --compare cfgs.json --rounds 3   # {"b,L,d,n": [config, ...]}
     python benchmarks/scan.py --check [--profile-host]          # GPU correctness, host time per call
     python benchmarks/scan.py --json out.json
@@ -84,7 +84,7 @@ def check(y, ref, what):
 def kernel_rows(args, bw):
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch as st
     from fxopt.ops.scan import selective_scan_ref
 
     rows = []
@@ -92,19 +92,19 @@ def kernel_rows(args, bw):
         for dtype in ([torch.float32] + ([torch.bfloat16] if args.dtypes_all else [])):
             x = make_inputs(b, L, d, n, dtype)
             ref, _ = selective_scan_ref(*x)
-            y, _ = st.selective_scan_triton(*x)
+            y, _ = st.selective_scan(*x)
             ok, rel = check(y, ref, f"fxopt {b,L,d,n}")
-            cfg = st.choose_config(b, d, L, n)
-            t_fx = do_bench(lambda: st.selective_scan_triton(*x))
+            cfg = _cfg_dict(st.choose_config(b, d, L, n))
+            t_fx = do_bench(lambda: st.selective_scan(*x))
             # GPU time without the host launch (a CUDA-graph replay): at b1 the Python call's host
             # time (~60 us, and noisy) can exceed the kernel's
-            g_fx = do_bench_cudagraph(lambda: st.selective_scan_triton(*x))
+            g_fx = do_bench_cudagraph(lambda: st.selective_scan(*x))
             row = dict(shape=[b, L, d, n], dtype=str(dtype).split(".")[-1], fxopt_ms=t_fx, fxopt_gpu_ms=g_fx, correct=ok,
                        rel_err=rel, config=cfg)
             # where a Python call's time goes: the GPU's with cold L2 (a CUDA-graph replay under
             # do_bench, which flushes L2 before each call) and the host's per call
-            row["fxopt_cold_gpu_ms"] = _graph_cold_ms(lambda: st.selective_scan_triton(*x))
-            row["host_us"] = _host_us(lambda: st.selective_scan_triton(*x))
+            row["fxopt_cold_gpu_ms"] = _graph_cold_ms(lambda: st.selective_scan(*x))
+            row["host_us"] = _host_us(lambda: st.selective_scan(*x))
             fb = floor_bytes(b, L, d, n, x[0].element_size())
             row["floor_ms"] = fb / bw * 1e3
             row["frac_floor"] = row["floor_ms"] / t_fx
@@ -115,11 +115,11 @@ def kernel_rows(args, bw):
             prev = os.environ.get("FXOPT_SCAN_EXP")
             os.environ["FXOPT_SCAN_EXP"] = alt
             try:
-                y, _ = st.selective_scan_triton(*x)
+                y, _ = st.selective_scan(*x)
                 row["alt_exp"] = alt
                 row["alt_correct"] = check(y, ref, f"fxopt {alt}-exp {b,L,d,n}")[0]
-                row["alt_ms"] = do_bench(lambda: st.selective_scan_triton(*x))
-                row["alt_gpu_ms"] = do_bench_cudagraph(lambda: st.selective_scan_triton(*x))
+                row["alt_ms"] = do_bench(lambda: st.selective_scan(*x))
+                row["alt_gpu_ms"] = do_bench_cudagraph(lambda: st.selective_scan(*x))
                 row["alt_frac_floor"] = row["floor_ms"] / row["alt_ms"]
             finally:
                 if prev is None:
@@ -180,20 +180,37 @@ def _host_us(fn, calls=200):
 
 
 def _parse_specs(blocks):
-    """'kind,BD,warps' (seq, chunk), 'seqk,BD,K,warps[,pf2]' or 'gluon,TPC,M,K,W,STAGES[,u]', ';'-separated."""
+    """'triton,BD,K,warps[,pf2]' or 'gluon,TPC,M,K,W,STAGES', ';'-separated (without G: tune adds it)."""
     specs = []
     for spec in blocks.split(";"):
         f = spec.split(",")
-        if f[0] == "gluon":  # gluon,TPC,M,K,W,STAGES[,u]  (u: pre-pass as a separate launch)
-            specs.append(dict(kind="gluon", TPC=int(f[1]), M=int(f[2]), K=int(f[3]), W=int(f[4]), STAGES=int(f[5]),
-                              unfused=len(f) > 6 and f[6] == "u"))
-        elif f[0] == "seqk":
-            specs.append(dict(kind="seqk", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3]), PF2=len(f) > 4 and f[4] == "pf2"))
-        elif f[0] == "chunk":
-            specs.append(dict(kind="chunk", BD=int(f[1]), T=16, num_warps=int(f[2])))
+        if f[0] == "gluon":
+            specs.append(dict(kind="gluon", TPC=int(f[1]), M=int(f[2]), K=int(f[3]), W=int(f[4]), STAGES=int(f[5])))
+        elif f[0] == "triton":
+            specs.append(dict(kind="triton", BD=int(f[1]), K=int(f[2]), num_warps=int(f[3]), PF2=len(f) > 4 and f[4] == "pf2"))
         else:
-            specs.append(dict(kind="seq", BD=int(f[1]), num_warps=int(f[2])))
+            raise SystemExit(f"--blocks: unknown kernel {f[0]!r} (gluon or triton)")
     return specs
+
+
+def _cfg(d):
+    """A typed launch config from its JSON form ({'kind': 'gluon' | 'triton', fields...})."""
+    from fxopt.codegen.scan_config import config_from_dict
+
+    return config_from_dict(d)
+
+
+def _cfg_dict(cfg):
+    from fxopt.codegen.scan_config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _with(cfg, overrides):
+    """``cfg`` with some fields replaced (``--contract-cfg '{"exp": "fma"}'``)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **overrides)
 
 
 def tune(args, bw):
@@ -201,7 +218,7 @@ def tune(args, bw):
     (random inputs). Prints one line per choice and a compact table of the best per shape."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch as st
     from fxopt.ops.scan import selective_scan_ref
 
     out, table = [], []
@@ -218,21 +235,24 @@ def tune(args, bw):
         cfgs = [dict(kind="default")]
         for spec in specs:
             for G in gs:
-                if G * spec.get("T", spec.get("K", 1)) > L:
+                if G * spec["K"] > L:
                     continue
                 if spec["kind"] == "gluon":
-                    c = {k: v for k, v in spec.items() if k != "unfused"}
-                    cfgs.append(dict(c, G=G, fused=G > 1 and not spec["unfused"]))
+                    from fxopt.codegen.scan_config import resolve_exp
+                    from fxopt.config import scan_exp
+
+                    exp = resolve_exp(scan_exp(), tuple(torch.cuda.get_device_capability()))
+                    cfgs.append(dict(spec, G=G, exp=exp))
                     continue
-                cfgs.append(dict(spec, G=G, num_stages=args.stages if spec["kind"] == "seq" else spec.get("num_stages", 1)))
+                cfgs.append(dict(spec, G=G))
         for cfg in cfgs:
-            c = None if cfg.get("kind") == "default" else cfg
+            c = None if cfg.get("kind") == "default" else _cfg(cfg)
             try:
-                y, hl = st.selective_scan_triton(*x, config=c)
+                y, hl = st.selective_scan(*x, config=c)
                 ok, rel = check(y, ref, f"{cfg}")
                 okh, relh = check(hl, href, f"{cfg} h_last")
                 ok = ok and okh
-                t = do_bench(lambda: st.selective_scan_triton(*x, config=c), return_mode="median")
+                t = do_bench(lambda: st.selective_scan(*x, config=c), return_mode="median")
             except Exception as exc:  # noqa: BLE001
                 print(f"  {cfg}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
@@ -243,9 +263,9 @@ def tune(args, bw):
             print(f"{b,L,d,n} {cfg} {t:.4f} ms  floor {floor_ms:.4f}  ok={ok} rel={rel:.1e}", flush=True)
         dflt = [r for r in out if r["shape"] == [b, L, d, n] and r["cfg"].get("kind") == "default"]
         if best is not None:
-            bc = best["cfg"]
+            bc = _cfg(best["cfg"])
             try:
-                best["graph_ms"] = do_bench_cudagraph(lambda: st.selective_scan_triton(*x, config=bc))
+                best["graph_ms"] = do_bench_cudagraph(lambda: st.selective_scan(*x, config=bc))
             except Exception as exc:  # noqa: BLE001
                 print("graph bench failed", exc)
         print("BEST", json.dumps(best), flush=True)
@@ -265,7 +285,7 @@ def compare(args, bw):
     names a JSON file: {"b,L,d,n": [config, ...], ...}; the default config is always included."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch as st
     from fxopt.ops.scan import selective_scan_ref
 
     spec = json.load(open(args.compare))
@@ -275,19 +295,19 @@ def compare(args, bw):
         x = make_inputs(b, L, d, n, seed=1)
         ref, href = selective_scan_ref(*x)
         floor_ms = floor_bytes(b, L, d, n, 4) / bw * 1e3
-        cands = [None] + cfgs
+        cands = [None] + [_cfg(c) for c in cfgs]
         ok = {}
         for i, c in enumerate(cands):
-            y, hl = st.selective_scan_triton(*x, config=c)
+            y, hl = st.selective_scan(*x, config=c)
             ok[i] = check(y, ref, f"{c}")[0] and check(hl, href, f"{c} h_last")[0]
         times = {i: [] for i in range(len(cands))}
         for _ in range(args.rounds):
             for i, c in enumerate(cands):
-                times[i].append(do_bench(lambda: st.selective_scan_triton(*x, config=c), return_mode="median"))
+                times[i].append(do_bench(lambda: st.selective_scan(*x, config=c), return_mode="median"))
         for i, c in enumerate(cands):
-            g = do_bench_cudagraph(lambda: st.selective_scan_triton(*x, config=c), return_mode="median")
-            cold = _graph_cold_ms(lambda: st.selective_scan_triton(*x, config=c))
-            cfg = c if c is not None else dict(st.choose_config(b, d, L, n), default=True)
+            g = do_bench_cudagraph(lambda: st.selective_scan(*x, config=c), return_mode="median")
+            cold = _graph_cold_ms(lambda: st.selective_scan(*x, config=c))
+            cfg = _cfg_dict(c) if c is not None else dict(_cfg_dict(st.choose_config(b, d, L, n)), default=True)
             row = dict(shape=[b, L, d, n], cfg=cfg, ms=min(times[i]), ms_rounds=times[i], graph_ms=g, cold_graph_ms=cold,
                        ok=ok[i], floor_ms=floor_ms)
             table.append(row)
@@ -302,10 +322,10 @@ def compare(args, bw):
 
 
 def check_mode(args):
-    """GPU correctness of the default and the fused-launch configs on fresh random inputs (fp32 and
+    """GPU correctness of the default config and the plain-Triton kernel on fresh random inputs (fp32 and
     bf16, with D, z and h0), each run 10 times (a race shows as a changing or wrong result), and the
     host time of one call on a tiny problem."""
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch as st
     from fxopt.ops.scan import selective_scan_ref
 
     bad = 0
@@ -315,14 +335,13 @@ def check_mode(args):
             z = torch.randn_like(u)
             h0 = torch.randn(b, d, n, device=u.device)
             ref, href = selective_scan_ref(u, delta, A, B, C, D, z, h0, torch.float32)
-            cfgs = [None]
-            dflt = st.choose_config(b, d, L, n)
-            if dflt["G"] > 1:
-                cfgs.append(dict(dflt, fused=not dflt.get("fused", False)))
+            from fxopt.codegen.scan_config import choose_triton_config, sm_count
+
+            cfgs = [None, choose_triton_config(b, d, L, n, sm_count(0))]  # the fallback kernel too
             for c in cfgs:
                 first = None
                 for _ in range(10):
-                    y, hl = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32, config=c)
+                    y, hl = st.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32, config=c)
                     ok = check(y, ref, f"{c}")[0] and check(hl, href, f"{c} h")[0]
                     same = first is None or bool(torch.equal(first, y))
                     first = y if first is None else first
@@ -332,14 +351,16 @@ def check_mode(args):
                         break
                 print(f"check {(b, L, d, n)} {str(dtype):15} {c if c else 'default'}: {'ok' if ok and same else 'FAIL'}", flush=True)
     x = make_inputs(1, 64, 16, 16)
-    for c in (None, dict(kind="gluon", TPC=4, M=2, K=8, W=1, STAGES=3, G=2, fused=True), dict(kind="seqk", BD=16, K=8, G=1),
-              dict(kind="seqk", BD=16, K=8, G=2, fused=True)):
+    from fxopt.codegen.scan_config import GluonScanConfig, TritonScanConfig
+
+    for c in (None, GluonScanConfig(TPC=4, M=2, K=8, W=1, STAGES=3, G=2, exp="fma"),
+              TritonScanConfig(BD=16, K=8, G=1, PF2=True, num_warps=1), TritonScanConfig(BD=16, K=8, G=2, PF2=True, num_warps=1)):
         for _ in range(20):
-            st.selective_scan_triton(*x, config=c)
+            st.selective_scan(*x, config=c)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(200):
-            st.selective_scan_triton(*x, config=c)
+            st.selective_scan(*x, config=c)
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         print(f"host time per call {c}: {(t1 - t0) / 200 * 1e6:.1f} us", flush=True)
@@ -348,12 +369,12 @@ def check_mode(args):
         import pstats
 
         x = make_inputs(1, 2048, 1536, 16)
-        st.selective_scan_triton(*x)  # compile outside the profile
+        st.selective_scan(*x)  # compile outside the profile
         torch.cuda.synchronize()
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(200):
-            st.selective_scan_triton(*x)
+            st.selective_scan(*x)
         pr.disable()
         torch.cuda.synchronize()
         pstats.Stats(pr).sort_stats("tottime").print_stats(12)
@@ -365,7 +386,7 @@ def contract_mode(args):
     """The op's contract on the GPU (fp64_relative(2): error vs an fp64 evaluation no worse than
     2x the eager fp32 loop's, plus a tiny absolute floor) over shapes x dtypes x input layouts, for
     the default config and each ``--contract-cfg`` override; prints the worst error ratio."""
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch as st
     from fxopt.ops.scan import selective_scan_ref
     from fxopt.testing.contracts import fp64_relative
 
@@ -389,8 +410,8 @@ def contract_mode(args):
             ref64, last64 = selective_scan_ref(*f64, out_dtype=torch.float64)
             eager, last = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D, z.float(), h0,
                                              torch.float32)
-            cfg = None if c is None else dict(st.choose_config(b, d, L, n), **c)
-            y, hl = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32, config=cfg)
+            cfg = None if c is None else (_cfg(c) if "kind" in c else _with(st.choose_config(b, d, L, n), c))
+            y, hl = st.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32, config=cfg)
             for ref, cand, r64, what in ((eager, y, ref64, "y"), (last, hl, last64, "h_last")):
                 e_ref = (ref.double() - r64).abs().max().item()
                 e_cand = (cand.double() - r64).abs().max().item()
@@ -631,9 +652,8 @@ def main(argv=None):
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--dtypes-all", action="store_true", help="also time bf16 inputs")
     p.add_argument("--tune", action="store_true")
-    p.add_argument("--blocks", default="seqk,16,8,1,pf2;seqk,16,8,1;seqk,32,8,1,pf2;seqk,32,4,1;seq,32,1",
-                   help="tune: 'kind,BD,warps' (seq, chunk) or 'seqk,BD,K,warps[,pf2]', ';'-separated")
-    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--blocks", default="gluon,2,1,16,1,3;gluon,4,1,16,1,3;gluon,2,1,16,2,3;triton,16,8,1,pf2;triton,32,8,1,pf2",
+                   help="tune: 'gluon,TPC,M,K,W,STAGES' or 'triton,BD,K,warps[,pf2]', ';'-separated")
     p.add_argument("--compare", default=None, help="JSON file {'b,L,d,n': [config, ...]}: time these (interleaved rounds)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-host", action="store_true", help="with --check: cProfile 200 default calls")
@@ -670,13 +690,13 @@ def main(argv=None):
     result = dict(device=dev, torch=torch.__version__, triton=triton.__version__, copy_bw_TBps=bw / 1e12,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if args.once:  # a few calls of one shape / config, for a profiler wrapped around this script
-        from fxopt.codegen import scan_triton as st
+        from fxopt.codegen import scan_launch as st
 
         b, L, d, n = (int(v) for v in args.once.split(","))
         x = make_inputs(b, L, d, n)
-        cfg = json.loads(args.cfg) if args.cfg else None
+        cfg = _cfg(json.loads(args.cfg)) if args.cfg else None
         for _ in range(3):
-            st.selective_scan_triton(*x, config=cfg)
+            st.selective_scan(*x, config=cfg)
         torch.cuda.synchronize()
         return 0
     if args.profile_e2e:  # host-time profile of the optimized HF Mamba forward

@@ -6,7 +6,7 @@ For one random problem: the max and mean signed error against an fp64 evaluation
 for y and for the final state, of the eager fp32 loop (PyTorch on the GPU), emulations of the
 kernel's arithmetic in PyTorch (exp as exp2 of a log2(e)-scaled argument, as the FMA-pipe
 ``exp2_fma``; the update as an FMA), and each CUDA kernel (Gluon default, Gluon with the SFU exp2,
-plain-Triton ``seqk``). The contract the op ships under is ``fp64_relative(2)`` against the eager loop.
+plain Triton). The contract the op ships under is ``fp64_relative(2)`` against the eager loop.
 
 ``--exp-profile``: the error in ulps of each exp2 the kernels can use (the SFU's ``ex2.approx``,
 :func:`fxopt.codegen.exp2.exp2_fma` on the GPU) and of the eager loop's ``torch.exp`` against fp64,
@@ -54,7 +54,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.exp_profile:
         return exp_profile()
-    from fxopt.codegen import scan_triton as st
+    import dataclasses
+
+    from fxopt.codegen import scan_launch as st
+    from fxopt.codegen.scan_config import TritonScanConfig
 
     b, d, L, n = (int(v) for v in args.shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(L + n)
@@ -64,11 +67,11 @@ def main(argv=None):
     h64 = walk(u.double(), dt.double(), A.double(), B.double(), h0.double(), "exp")
     rows = {m: walk(u, dt, A, B, h0, m) for m in ("exp", "exp2", "exp2_split", "exp2_fma", "fma")}
     dflt = st.choose_config(b, d, L, n)
-    for name, cfg in (("gluon default", None), ("gluon G=1", dict(dflt, G=1, fused=False)),
-                      ("gluon SFU exp2", dict(dflt, exp="sfu", sfu_bias=0.0)),
-                      ("gluon SFU exp2, bias-corrected", dict(dflt, exp="sfu")),
-                      ("triton seqk G=1", dict(kind="seqk", BD=16, K=8, G=1, PF2=True, num_warps=1))):
-        rows[name] = st.selective_scan_triton(u, dt, A, B, C, None, None, h0, torch.float32, config=cfg)[1]
+    for name, cfg in (("gluon default", None), ("gluon G=1", dataclasses.replace(dflt, G=1)),
+                      ("gluon SFU exp2", dataclasses.replace(dflt, exp="sfu", sfu_bias=0.0)),
+                      ("gluon SFU exp2, bias-corrected", dataclasses.replace(dflt, exp="sfu")),
+                      ("triton G=1", TritonScanConfig(BD=16, K=8, G=1, PF2=True, num_warps=1))):
+        rows[name] = st.selective_scan(u, dt, A, B, C, None, None, h0, torch.float32, config=cfg)[1]
     for name, h in rows.items():
         e = h.double() - h64
         print(f"{name:18} h_last max |err| {e.abs().max().item():.3e}  mean err {e.mean().item():+.3e}  "

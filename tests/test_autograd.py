@@ -24,6 +24,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fxopt
 from fxopt.codegen import elementwise as ew
+from fxopt.codegen import add_tree_launch
 from fxopt.ops import fused_add as fa
 from fxopt.ops import scan_grad
 from fxopt.ops.scan import LINEAR_SCAN, SELECTIVE_SCAN, linear_scan_ref, selective_scan_ref
@@ -137,18 +138,18 @@ def cpu_fast_path(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fxopt_cache"))
     monkeypatch.setattr(fa, "FAST_PATH_ON_CPU", True)
     calls = {"op": 0, "launcher": 0}
-    real_op, real_call = fa.fused_add_tree_op, fa._Launcher.__call__
+    real_op, real_call = fa.fused_add_tree_op, add_tree_launch.Launcher.__call__
 
     def counting_op(xs, tree):
         calls["op"] += 1
         return real_op(xs, tree)
 
-    def counting_launch(self, xs, tree):
+    def counting_launch(self, xs):
         calls["launcher"] += 1
-        return real_call(self, xs, tree)
+        return real_call(self, xs)
 
     monkeypatch.setattr(fa, "fused_add_tree_op", counting_op)
-    monkeypatch.setattr(fa._Launcher, "__call__", counting_launch)
+    monkeypatch.setattr(add_tree_launch.Launcher, "__call__", counting_launch)
     return calls
 
 
@@ -382,7 +383,8 @@ def test_linear_scan_16bit_gradients_are_the_fp32_computations_rounded(dtype, st
 
 _KERNEL_STATES = textwrap.dedent("""
     import functools, torch
-    from fxopt.codegen import scan_triton as st
+    from fxopt.codegen import scan_launch, scan_triton as st
+    from fxopt.codegen.scan_config import TritonScanConfig
     from fxopt.ops import scan_grad
     from fxopt.ops.scan import SELECTIVE_SCAN, LINEAR_SCAN
     g = torch.Generator().manual_seed(0)
@@ -405,7 +407,7 @@ _KERNEL_STATES = textwrap.dedent("""
         calls = []
         def kernel(*a):
             calls.append(a[0].shape[2])
-            return st.selective_scan_triton(*a, config=dict(kind="seq", BD=2, G=2))
+            return scan_launch.selective_scan(*a, config=TritonScanConfig(BD=2, K=2, G=2, PF2=False, num_warps=1))
         scan_grad.forward_ops["selective_scan"], saved = kernel, scan_grad.forward_ops["selective_scan"]
         close(ref, grads(SELECTIVE_SCAN, ts))
         scan_grad.forward_ops["selective_scan"] = saved

@@ -71,7 +71,7 @@ def test_plan_layout_collapses_and_detects_broadcast():
 
 # ----------------------------------------------------------------------------- Triton
 def _run_triton(xs, tree):
-    from fxopt.ops.fused_add import run_generated
+    from fxopt.codegen.add_tree_launch import run_generated
 
     return run_generated(xs, tree, "triton")
 
@@ -121,7 +121,7 @@ def test_triton_bit_equal_hypothesis(data):
 
 
 def test_triton_through_op_helper_matches_assert_equivalent():
-    from fxopt.ops.fused_add import run_generated
+    from fxopt.codegen.add_tree_launch import run_generated
 
     x = torch.randn(4, 6, dtype=torch.float16)
     y = torch.randn(6, 4, dtype=torch.float16).t()  # non-contiguous
@@ -139,15 +139,33 @@ def test_emitted_triton_source_shape():
     assert "_f32_to_bf16_rne" in src_bf
 
 
-def test_launcher_cached_per_specialisation():
+def test_launcher_cached_per_specialisation(monkeypatch):
+    """One cache, one key: new values share a launcher; other strides, alignment, dtype or backend
+    get their own; the graph entry point and the op's CUDA impl both use it."""
+    from fxopt.codegen import add_tree_launch as atl
     from fxopt.ops import fused_add
 
+    atl.clear_launchers()
     xs = [torch.randn(5, 7) for _ in range(3)]
-    l1 = fused_add.get_launcher(xs, TREES[0], "triton")
-    l2 = fused_add.get_launcher([x.clone() for x in xs], TREES[0], "triton")
-    assert l1 is l2
-    l3 = fused_add.get_launcher([xs[0], xs[1], xs[2].t().contiguous().t()], TREES[0], "triton")
-    assert l3 is not l1 or xs[2].t().contiguous().t().stride() == xs[2].stride()
+    l1 = atl.launcher_for(xs, TREES[0], "triton")
+    assert atl.launcher_for([x.clone() for x in xs], TREES[0], "triton") is l1
+    others = [
+        [xs[0], xs[1], torch.randn(7, 5).t()],                     # strides
+        [xs[0], xs[1], torch.randn(36)[1:36].view(5, 7)],         # alignment
+        [xs[0].double(), xs[1].double(), xs[2].double()],          # dtype
+    ]
+    for ys in others:
+        assert atl.launcher_for(ys, TREES[0], "triton") is not l1
+    assert atl.launcher_for(xs, TREES[0], "torch") is not l1
+    assert len(atl._LAUNCHERS) == 5
+    monkeypatch.setattr(fused_add, "FAST_PATH_ON_CPU", True)
+    with torch.no_grad():
+        (out,) = fused_add.fused_add_tree(xs, TREES[0])  # FXOPT_BACKEND as set: a key of its own
+    assert len(atl._LAUNCHERS) == 6
+    bitwise.check((xs[0] + xs[1]) + xs[2], out)
+    with torch.no_grad():
+        fused_add.fused_add_tree([x.clone() for x in xs], TREES[0])
+    assert len(atl._LAUNCHERS) == 6
 
 
 # ----------------------------------------------------------------------------- CUDA C
@@ -241,3 +259,31 @@ def test_kernel_sources_of_rewritten_graph_and_providers(monkeypatch):
         assert cg.kernel_sources(gm)["relu_kernel"] == "// relu"
     finally:
         cg._PROVIDERS.pop(torch.ops.aten.relu.default, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on the device tool)")
+def test_fused_add_cuda_launches_bit_equal(monkeypatch):
+    """On the GPU, the graph entry point (cached launcher; from the second call the compiled
+    kernel is launched with raw addresses) and the op give eager's bits for contiguous,
+    broadcast, transposed and misaligned operands."""
+    from fxopt.ops import fused_add
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels, not the interpreter
+    monkeypatch.delenv("FXOPT_BACKEND", raising=False)
+    dev = "cuda"
+    cases = [
+        [torch.randn(3, 257, device=dev) for _ in range(3)],
+        [torch.randn(4, 33, 65, device=dev), torch.randn(65, device=dev), torch.randn(65, 33, 4, device=dev).permute(2, 1, 0)],
+        [torch.randn(4097, device=dev, dtype=torch.float16)[1:] for _ in range(3)],
+        [torch.randn(1, 1, 2560, device=dev, dtype=torch.bfloat16) for _ in range(3)],
+    ]
+    for xs in cases:
+        for tree in TREES[:2]:
+            ref = ew.parse_tree(tree).evaluate(xs)
+            with torch.no_grad():
+                outs = [fused_add.fused_add_tree(xs, tree) for _ in range(3)]
+            outs.append(fused_add.fused_add_tree_op(xs, tree))
+            for out in outs:
+                for r, o in zip(ref, out):
+                    assert o.stride() == r.stride()
+                    bitwise.check(r, o)

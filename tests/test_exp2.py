@@ -118,9 +118,9 @@ def test_triton_copy_matches_ref():
 def test_scan_exp_knob(monkeypatch):
     """FXOPT_SCAN_EXP picks the GPU scan's exp (fxopt/config.py): auto by default, a clear error
     naming the variable for anything else; auto resolves per GPU (sfu where calibrated: sm_90)."""
-    from fxopt.codegen.scan_gluon import SFU_CALIBRATED, choose_config, resolve_exp
+    from fxopt.codegen.scan_config import SFU_CALIBRATED, choose_gluon_config, resolve_exp
     from fxopt.config import get_config, scan_exp
-    from fxopt.errors import FxoptError
+    from fxopt.errors import CodegenError, FxoptError
 
     monkeypatch.delenv("FXOPT_SCAN_EXP", raising=False)
     assert scan_exp() == "auto" and get_config().scan_exp == "auto"
@@ -133,9 +133,9 @@ def test_scan_exp_knob(monkeypatch):
     assert resolve_exp("auto", (9, 0)) == "sfu"
     assert resolve_exp("auto", (8, 0)) == "fma" and resolve_exp("auto", (10, 0)) == "fma"
     assert resolve_exp("fma", (9, 0)) == "fma" and resolve_exp("sfu", (8, 6)) == "sfu"
-    assert choose_config(4, 5120, 2048, 16, 132, "sfu")["exp"] == "sfu"
-    with pytest.raises(ValueError, match="resolved"):
-        choose_config(4, 5120, 2048, 16, 132, "auto")
+    assert choose_gluon_config(4, 5120, 2048, 16, 132, "sfu").exp == "sfu"
+    with pytest.raises(CodegenError, match="resolved"):
+        choose_gluon_config(4, 5120, 2048, 16, 132, "auto")
 
 
 # ----------------------------------------------------------------------------------------------

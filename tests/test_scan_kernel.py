@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxopt.ops.scan  # noqa: F401  (registers torch.ops.fxopt.*)
+from fxopt.codegen.scan_ref import selective_scan_ref
 from fxopt.testing.contracts import fp64_relative
 
 CONTRACT = fp64_relative(2.0, atol=1e-6)
@@ -104,8 +105,9 @@ def test_fake_impls_give_shapes():
 
 _INTERP = textwrap.dedent("""
     import torch
-    from fxopt.codegen import scan_triton as st
-    from fxopt.ops.scan import selective_scan_ref, linear_scan_ref
+    from fxopt.codegen import scan_launch, scan_triton as st
+    from fxopt.codegen.scan_config import TritonScanConfig
+    from fxopt.codegen.scan_ref import selective_scan_ref, linear_scan_ref
     g = torch.Generator().manual_seed(0)
     def mk(b, d, L, n, dt):
         u = torch.randn(b, d, L, generator=g).to(dt); delta = (torch.rand(b, d, L, generator=g) * 2).to(dt)
@@ -113,25 +115,21 @@ _INTERP = textwrap.dedent("""
         C = torch.randn(b, n, L, generator=g).to(dt); D = torch.randn(d, generator=g)
         z = torch.randn(b, d, L, generator=g).to(dt); h0 = torch.randn(b, d, n, generator=g)
         return [u, delta, A, B, C, D, z, h0]
-    cases = [((1, 5, 13, 3), dict(kind="seq", BD=4, G=1)), ((2, 3, 21, 16), dict(kind="seq", BD=2, G=3)),
-             ((1, 3, 1, 1), dict(kind="seq", BD=4, G=1)), ((1, 5, 37, 3), dict(kind="chunk", BD=4, T=8, G=1)),
-             ((1, 3, 20, 5), dict(kind="chunk", BD=2, T=8, G=2)),
-             # the default kind; fused = pre-pass and main pass in one launch with ticketed
-             # program ids; repeated calls check that flags and the ticket are reset
-             ((2, 6, 70, 5), dict(kind="seqk", BD=4, K=8, G=4, fused=True)),
-             ((1, 3, 75, 3), dict(kind="seqk", BD=2, K=4, G=9, PF2=True)),
-             ((1, 3, 75, 3), dict(kind="seqk", BD=2, K=4, G=9, PF2=True, fused=True)),
-             ((1, 5, 13, 3), dict(kind="seqk", BD=4, K=8, G=1, PF2=True))]
+    T = lambda BD, K, G, PF2: TritonScanConfig(BD=BD, K=K, G=G, PF2=PF2, num_warps=1)  # noqa: E731
+    # G > 1: the group pre-pass launch, then the main launch folding the groups' states
+    cases = [((2, 6, 70, 5), T(4, 8, 4, False)), ((1, 3, 75, 3), T(2, 4, 9, True)), ((2, 3, 21, 16), T(2, 4, 3, False)),
+             ((1, 5, 13, 3), T(4, 8, 1, True)), ((1, 3, 1, 1), T(4, 8, 1, False)), ((1, 5, 37, 3), None)]
     for (b, d, L, n), cfg in cases:
         for dt in (torch.float32, torch.bfloat16):
             x = mk(b, d, L, n, dt)
             for full in (True, False):
                 a = list(x) if full else x[:5] + [None, None, None]
                 y0, h0 = selective_scan_ref(*a, out_dtype=torch.float32)
-                y1, h1 = st.selective_scan_triton(*a, out_dtype=torch.float32, config=cfg)
-                tol = 1e-4 * (1 + y0.abs().max().item())
-                assert (y0 - y1).abs().max().item() <= tol, (b, d, L, n, cfg, dt, full, (y0 - y1).abs().max())
-                assert (h0 - h1).abs().max().item() <= 1e-4 * (1 + h0.abs().max().item()), (cfg, dt, full)
+                for rep in range(2):  # the second call replays the first's plan
+                    y1, h1 = scan_launch.selective_scan(*a, torch.float32, config=cfg)
+                    tol = 1e-4 * (1 + y0.abs().max().item())
+                    assert (y0 - y1).abs().max().item() <= tol, (b, d, L, n, cfg, dt, full, rep, (y0 - y1).abs().max())
+                    assert (h0 - h1).abs().max().item() <= 1e-4 * (1 + h0.abs().max().item()), (cfg, dt, full, rep)
     a = torch.rand(9, 3, 1, 4, generator=g); bb = torch.randn(9, 1, 2, 4, generator=g)
     h0 = torch.randn(3, 2, 4, generator=g); C = torch.randn(9, 3, 2, 4, generator=g)
     for hh in (None, h0):
@@ -151,6 +149,203 @@ def test_triton_kernels_interpreted():
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+_PLAN_REPLAY = textwrap.dedent("""
+    import torch
+    import fxopt.ops.scan as ops
+    from fxopt.codegen import scan_launch
+    from fxopt.codegen.scan_ref import selective_scan_ref
+    builds, op_calls = [], []
+    real_build, real_op = scan_launch.build_plan, ops.SELECTIVE_SCAN
+    scan_launch.build_plan = lambda *a, **k: builds.append(1) or real_build(*a, **k)
+    ops.SELECTIVE_SCAN = lambda *a: op_calls.append(1) or real_op(*a)
+    ops.FAST_PATH_ON_CPU = True  # the entry point's kernel path with CPU tensors, interpreted
+    g = torch.Generator().manual_seed(0)
+    def mk(b, d, L, n, dt):
+        return [torch.randn(b, d, L, generator=g).to(dt), (torch.rand(b, d, L, generator=g) + 0.1).to(dt),
+                -torch.rand(d, n, generator=g), torch.randn(b, n, L, generator=g).to(dt),
+                torch.randn(b, n, L, generator=g).to(dt), torch.randn(d, generator=g),
+                torch.randn(b, d, L, generator=g).to(dt), None, None]
+    def check(x):
+        y0, h0 = selective_scan_ref(*x)
+        y1, h1 = ops.selective_scan(*x)
+        assert y1.dtype == y0.dtype and h1.dtype == h0.dtype
+        assert (y0.float() - y1.float()).abs().max() <= 1e-2 * (1 + y0.float().abs().max()), (y0 - y1).abs().max()
+        assert (h0 - h1).abs().max() <= 1e-4 * (1 + h0.abs().max())
+    with torch.no_grad():
+        for dt in (torch.float32, torch.bfloat16):
+            for seed in range(3):  # one signature, new values: one plan, replayed
+                check(mk(1, 4, 40, 3, dt))
+        assert len(builds) == 2 and len(op_calls) == 0, (builds, op_calls)
+        x = mk(1, 4, 40, 3, torch.float32)
+        x[1] = x[1].transpose(1, 2).contiguous().transpose(1, 2)  # other strides: a plan of its own
+        check(x)
+        x = mk(1, 4, 40, 3, torch.float32)
+        x[5] = torch.nn.Parameter(x[5])  # parameters are plain tensors to the kernels
+        check(x)
+        assert len(builds) == 3 and len(op_calls) == 0, (builds, op_calls)
+    x = mk(1, 4, 40, 3, torch.float32)
+    x[0].requires_grad_()
+    y, h = ops.selective_scan(*x)  # a gradient can flow: through the op, which records its backward
+    assert y.grad_fn is not None and len(op_calls) == 1
+    print("OK", len(scan_launch._PLANS))
+""")
+
+
+def test_entry_point_replays_plans_interpreted():
+    """The graph entry point under no_grad: the first call with a signature builds its launch plan,
+    later calls (new values) replay it without building anything; new strides get a plan of their
+    own; nothing goes through the dispatcher unless a gradient can flow."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _PLAN_REPLAY], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the graph entry points: the dispatcher is skipped exactly when no gradient can flow
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def op_spy(monkeypatch):
+    """Counts the entry points' calls that went to the ops (the dispatcher)."""
+    import fxopt.ops.scan as ops
+
+    calls = {"selective": 0, "linear": 0}
+    real_sel, real_lin = ops.SELECTIVE_SCAN, ops.LINEAR_SCAN
+
+    def sel(*a):
+        calls["selective"] += 1
+        return real_sel(*a)
+
+    def lin(*a):
+        calls["linear"] += 1
+        return real_lin(*a)
+
+    monkeypatch.setattr(ops, "SELECTIVE_SCAN", sel)
+    monkeypatch.setattr(ops, "LINEAR_SCAN", lin)
+    return calls
+
+
+def _small_scan(dtype=torch.float32, seed=0):
+    return _inputs(2, 7, 3, 4, dtype, 1.0, seed) + [None, torch.float32]
+
+
+def test_entry_point_skips_the_dispatcher_when_no_gradient_can_flow(op_spy):
+    import fxopt.ops.scan as ops
+
+    x = _small_scan()
+    ref = torch.ops.fxopt.selective_scan(*x)
+    with torch.no_grad():
+        got = ops.selective_scan(*x)
+    got2 = ops.selective_scan(*x)  # grad mode on, nothing requires grad
+    x_param = list(x)
+    x_param[5] = torch.nn.Parameter(x[5])  # D is a parameter in a model: still no gradient under no_grad
+    with torch.inference_mode():
+        got3 = ops.selective_scan(*x_param)
+    assert op_spy["selective"] == 0
+    for out in (got, got2, got3):
+        assert all(torch.equal(r, o) for r, o in zip(ref, out)) and out[0].grad_fn is None
+    a, b = torch.rand(5, 3), torch.randn(5, 3)
+    with torch.no_grad():
+        lin = ops.linear_scan(a, b)
+    assert op_spy["linear"] == 0 and all(torch.equal(r, o) for r, o in zip(torch.ops.fxopt.linear_scan(a, b), lin))
+    # the dispatcher records every op it runs: nothing of fxopt's under no_grad, the op with a gradient
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            ops.selective_scan(*x)
+            ops.linear_scan(a, b)
+    assert not [e.name for e in prof.events() if e.name.startswith("fxopt::")]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.selective_scan(x[0].clone().requires_grad_(), *x[1:])
+    assert "fxopt::selective_scan" in {e.name for e in prof.events()}
+
+
+def test_entry_point_keeps_gradients(op_spy):
+    import fxopt.ops.scan as ops
+
+    x = _small_scan(torch.float64)
+    leaves = [t.clone().requires_grad_() if i in (0, 2, 5) else t for i, t in enumerate(x)]  # u, A, D
+    y, h = ops.selective_scan(*leaves)
+    assert op_spy["selective"] == 1 and y.grad_fn is not None
+    grads = torch.autograd.grad((y.sum() + h.sum()), [leaves[0], leaves[2], leaves[5]])
+    ref_leaves = [t.clone().requires_grad_() if i in (0, 2, 5) else t for i, t in enumerate(x)]
+    yr, hr = torch.ops.fxopt.selective_scan(*ref_leaves)
+    ref = torch.autograd.grad((yr.sum() + hr.sum()), [ref_leaves[0], ref_leaves[2], ref_leaves[5]])
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref))
+    a = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    ya, _ = ops.linear_scan(a, torch.randn(5, 3, dtype=torch.float64))
+    assert op_spy["linear"] == 1 and ya.grad_fn is not None
+
+
+def test_entry_point_goes_through_the_op_under_tracing_and_transforms(op_spy):
+    import torch.autograd.forward_ad as fwad
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fxopt
+    import fxopt.ops.scan as ops
+
+    x = _small_scan()
+    with FakeTensorMode() as mode:
+        fx_ = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in x]
+        y, h = ops.selective_scan(*fx_)
+        assert y.shape == x[0].shape and h.shape == (2, 3, 4)
+    assert op_spy["selective"] == 1
+    us = torch.stack([x[0], 2 * x[0]])
+    with torch.no_grad():  # a functorch transform (its batched tensors look plain to type()): the op
+        ys = torch.func.vmap(lambda u: ops.selective_scan(u, *x[1:])[0])(us)
+    assert op_spy["selective"] == 2
+    assert torch.equal(ys[1], torch.ops.fxopt.selective_scan(us[1], *x[1:])[0])
+    with fwad.dual_level():
+        with pytest.raises(fxopt.FxoptError, match="forward-mode AD"):
+            ops.selective_scan(fwad.make_dual(x[0], torch.ones_like(x[0])), *x[1:])
+    with torch.no_grad():  # exported graphs contain the op, not the entry point
+        ep = torch.export.export(_EntryModule(), tuple(x[:7]))
+    assert any(n.target == torch.ops.fxopt.selective_scan.default for n in ep.graph.nodes)
+
+
+class _EntryModule(torch.nn.Module):
+    def forward(self, u, delta, A, B, C, D, z):
+        import fxopt.ops.scan as ops
+
+        return ops.selective_scan(u, delta, A, B, C, D, z)
+
+
+def test_typed_launch_configs():
+    """Launch choices are frozen dataclasses (part of the plan key); JSON configs are checked."""
+    import dataclasses
+
+    from fxopt.codegen import scan_config as sc
+    from fxopt.errors import CodegenError
+
+    cfg = sc.choose_gluon_config(1, 1536, 2048, 16, 132, "sfu")
+    assert isinstance(cfg, sc.GluonScanConfig) and cfg.G > 1 and hash(cfg) == hash(dataclasses.replace(cfg))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.G = 1
+    assert sc.config_from_dict(sc.config_to_dict(cfg)) == cfg
+    tcfg = sc.choose_triton_config(1, 1536, 2048, 16, 132)
+    assert isinstance(tcfg, sc.TritonScanConfig) and sc.config_from_dict(sc.config_to_dict(tcfg)) == tcfg
+    assert isinstance(sc.choose_config(1, 8, 64, 16, device_index=-1), sc.TritonScanConfig)  # CPU: the interpreter
+    with pytest.raises(CodegenError, match="no field"):
+        sc.config_from_dict(dict(kind="gluon", TPC=2, M=1, W=1, K=16, STAGES=3, G=1, exp="sfu", fused=True))
+    with pytest.raises(CodegenError, match="kind"):
+        sc.config_from_dict(dict(kind="seq", BD=2))
+    with pytest.raises(CodegenError, match="resolved"):
+        sc.GluonScanConfig(TPC=2, M=1, W=1, K=16, STAGES=3, G=1, exp="auto")
+    with pytest.raises(CodegenError, match="positive"):
+        sc.TritonScanConfig(BD=0, K=8, G=1, PF2=False, num_warps=1)
+
+
+def test_kernel_modules_spell_the_arguments_once():
+    """Both kernels take the scan's arguments in the one order the shared host side passes them."""
+    pytest.importorskip("triton.experimental.gluon")
+    from fxopt.codegen import scan_gluon, scan_triton
+
+    names = [scan_triton.selective_scan_kernel.arg_names, scan_gluon.selective_scan_kernel.arg_names]
+    common = 12 + 6 + 20 + 4  # pointers, scalars, strides, HAS_D HAS_Z HAS_H0 STATE_ONLY
+    assert names[0][:common] == names[1][:common]
+    assert names[0][common - 4:common] == ["HAS_D", "HAS_Z", "HAS_H0", "STATE_ONLY"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the Gluon kernel (CUDA fast path): compiled for sm_90 here, run where a GPU is
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +355,6 @@ _GLUON_CFGS = [
     dict(NP=64, TPC=16, K=16, BC_REG=True, HAS_H0=True),
     dict(dtype="*bf16", BC_LMAJOR=False),                     # bf16, B / C unit-stride along n
     dict(STATE_ONLY=True),                                    # the group pre-pass
-    dict(FUSED=True, HAS_H0=True),                            # pre-pass + main pass, ticketed
     dict(NP=1, TPC=1, K=8, HAS_Z=False, HAS_D=False, N_EVEN=False),
     dict(NP=64, TPC=8, W=2),
     dict(TPC=2, W=2, BC_REG=True, EXP_SFU=True, SFU_BIAS=2e-8),  # FXOPT_SCAN_EXP=sfu
@@ -169,14 +363,14 @@ _GLUON_CFGS = [
 
 _COMPILE = textwrap.dedent("""
     import json, sys
-    from fxopt.codegen import scan_gluon
+    from fxopt.tools import sass as tools
     out = []
     for cfg in json.loads(sys.argv[1]):
-        k = scan_gluon.compile_for_target(**cfg)
-        sass = scan_gluon.disassemble(k)
-        out.append(dict(cfg=cfg, res=scan_gluon.resource_usage(k), ldgsts="LDGSTS" in sass,
-                        loop_spills=scan_gluon.local_accesses_in_longest_loop(sass),
-                        poly=scan_gluon.polynomial_exps_in_longest_loop(sass)))
+        k = tools.compile_for_target(**cfg)
+        sass = tools.disassemble(k)
+        out.append(dict(cfg=cfg, res=tools.resource_usage(k), ldgsts="LDGSTS" in sass,
+                        loop_spills=tools.local_accesses_in_longest_loop(sass),
+                        poly=tools.polynomial_exps_in_longest_loop(sass)))
     print(json.dumps(out))
 """)
 
@@ -243,9 +437,7 @@ GPU_CONTRACT = CONTRACT
 def test_scan_cuda_kernel_contract(exp, monkeypatch):
     """The CUDA implementation (Gluon kernel, or the Triton fallback where it declines a layout)
     against an fp64 evaluation of the loop, under the op's contract, over shapes x dtypes x layouts;
-    repeated to catch races of the fused launch (flags, ticket)."""
-    from fxopt.ops.scan import selective_scan_ref
-
+    repeated (the later calls replay the first's launch plan): results must not change."""
     monkeypatch.setenv("FXOPT_SCAN_EXP", exp)
 
     for (b, d, L, n) in _CUDA_SHAPES:
@@ -281,18 +473,19 @@ def _check(contract, ref, cand, ref64, case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on the device tool)")
 def test_scan_cuda_launch_plan_replays_per_signature(monkeypatch):
-    """The second call with an input signature replays the first's launch plan (scan_gluon.LaunchPlan):
-    new values give their own results; a change of alignment, dtype or exp mode gets its own plan."""
-    from fxopt.codegen import scan_triton as st
-    from fxopt.ops.scan import selective_scan_ref
+    """The second call with an input signature replays the first's launch plan (scan_launch.LaunchPlan,
+    its compiled kernels launched directly): new values give their own results; a change of
+    alignment, dtype or exp mode gets its own plan."""
+    from fxopt.codegen import scan_launch
 
     monkeypatch.delenv("FXOPT_SCAN_EXP", raising=False)
-    st._PLANS.clear()
+    scan_launch.clear_plans()
     b, d, L, n = 1, 40, 256, 16  # l a multiple of 16: the Gluon kernel takes the bf16 tiles too
     for layout, seed in (("contiguous", 1), ("contiguous", 2), ("offset", 3), ("hf", 4)):
         for dtype in (torch.float32, torch.bfloat16):
             u, delta, A, B, C, D, z, h0 = _gpu_inputs(b, d, L, n, dtype, layout, seed=seed)
-            y, hl = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32)
+            for _ in range(2):  # the second call replays the plan
+                y, hl = scan_launch.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32)
             f64 = [t.double() for t in (u, delta, A, B, C, D, z, h0)]
             ref64, last64 = selective_scan_ref(*f64, out_dtype=torch.float64)
             eager, last = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D, z.float(), h0,
@@ -300,8 +493,39 @@ def test_scan_cuda_launch_plan_replays_per_signature(monkeypatch):
             _check(GPU_CONTRACT, eager, y, ref64, f"{layout} {dtype} seed {seed}")
             _check(GPU_CONTRACT, last, hl, last64, f"{layout} {dtype} seed {seed} h_last")
     # contiguous seeds 1 and 2 share a plan; offset and hf inputs (and each dtype) have their own
-    assert len(st._PLANS) == 6, len(st._PLANS)
+    assert len(scan_launch._PLANS) == 6, len(scan_launch._PLANS)
+    assert all(p.direct is not None for p in scan_launch._PLANS.values())  # replays launch compiled kernels
     monkeypatch.setenv("FXOPT_SCAN_EXP", "fma")
-    y2, _ = st.selective_scan_triton(u, delta, A, B, C, D, z, h0, torch.float32)
-    assert len(st._PLANS) == 7
+    y2, _ = scan_launch.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32)
+    assert len(scan_launch._PLANS) == 7
     _check(GPU_CONTRACT, eager, y2, ref64, "fma")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on the device tool)")
+def test_scan_cuda_entry_point(monkeypatch):
+    """The graph entry point on the GPU: under no_grad the same bits as the op (one launch plan
+    serves both) without the dispatcher; with an input requiring grad it is the op, and the
+    backward runs (its state pass through the kernel)."""
+    import fxopt.ops.scan as ops
+
+    monkeypatch.delenv("FXOPT_SCAN_EXP", raising=False)
+    for layout in ("contiguous", "hf"):
+        for dtype in (torch.float32, torch.bfloat16):
+            u, delta, A, B, C, D, z, _ = _gpu_inputs(1, 64, 512, 16, dtype, layout, seed=5)
+            args = (u, delta, A, B, C, D, z, None, None)
+            ref = torch.ops.fxopt.selective_scan(*args)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                with torch.no_grad():
+                    outs = [ops.selective_scan(*args) for _ in range(3)]
+            assert not [e.name for e in prof.events() if e.name.startswith("fxopt::")]
+            for out in outs:
+                assert all(torch.equal(r, o) for r, o in zip(ref, out)), (layout, dtype)
+    u, delta, A, B, C, D, z, _ = _gpu_inputs(1, 8, 64, 16, torch.float32, "contiguous", seed=6)
+    u.requires_grad_()
+    y, h = ops.selective_scan(u, delta, A, B, C, D, z)
+    assert y.grad_fn is not None
+    (gu,) = torch.autograd.grad(y.sum() + h.sum(), u)
+    u64 = u.detach().double().requires_grad_()
+    y64, h64 = selective_scan_ref(u64, *(t.double() for t in (delta, A, B, C, D, z)))
+    (g64,) = torch.autograd.grad(y64.sum() + h64.sum(), u64)
+    assert (gu.double() - g64).abs().max() <= 1e-3 * (1 + g64.abs().max())

@@ -6,8 +6,10 @@
   kernel source visible there: ``fn(node) -> (name, source)`` (or ``None``);
 * :func:`get_backend` - the configured backend (``FXOPT_BACKEND``: triton | cuda | torch).
 
-Emitters live in :mod:`fxopt.codegen.elementwise`, the on-disk cache in
-:mod:`fxopt.codegen.cache`.
+Emitters live in :mod:`fxopt.codegen.elementwise` (fused-add launching in
+:mod:`fxopt.codegen.add_tree_launch`), the scan kernels in :mod:`fxopt.codegen.scan_triton`
+and :mod:`fxopt.codegen.scan_gluon` (host side :mod:`fxopt.codegen.scan_launch`), the
+on-disk cache in :mod:`fxopt.codegen.cache`. Codegen never imports :mod:`fxopt.ops`.
 """
 from __future__ import annotations
 
@@ -41,9 +43,8 @@ def _provider_for(target) -> SourceProvider | None:
 
 def kernel_sources(graph_module: torch.fx.GraphModule) -> dict[str, str]:
     """``{kernel name: source}`` for every fused node of ``graph_module`` whose op has a
-    registered source provider (fused add trees are built in). Identical kernels used by
-    several nodes appear once."""
-    _ensure_builtin_providers()
+    registered source provider (the ops register theirs when they are defined: an op in a
+    graph was imported). Identical kernels used by several nodes appear once."""
     out: dict[str, str] = {}
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
@@ -58,44 +59,3 @@ def kernel_sources(graph_module: torch.fx.GraphModule) -> dict[str, str]:
         out.setdefault(name, src)
     return out
 
-
-_builtins_done = False
-
-
-def _ensure_builtin_providers() -> None:
-    global _builtins_done
-    if _builtins_done:
-        return
-    _builtins_done = True
-    from ..ops import fused_add  # noqa: F401  (registers the op)
-
-    register_source_provider(torch.ops.fxopt.fused_add_tree.default, _fused_add_source)
-    register_source_provider(fused_add.fused_add_tree, _fused_add_source)
-
-
-def _fused_add_source(node: torch.fx.Node) -> tuple[str, str] | None:
-    """The source the configured backend generates for this node's call, specialised
-    with the layout recorded in the graph's fake values."""
-    from . import elementwise as ew
-    from ..ops.fused_add import plan
-
-    xs_nodes, tree_text = node.args[0], node.args[1]
-    tree = ew.parse_tree(tree_text)
-    backend = get_backend()
-    if backend == "cuda":
-        return ew.emit_cuda(tree)
-    vals = [n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in xs_nodes]
-    dtype = torch.float32
-    in_linear = out_linear = None
-    ndim = 1
-    if all(isinstance(v, torch.Tensor) for v in vals) and vals:
-        dtype = vals[0].dtype
-        try:
-            _, layout = plan(vals, tree)
-        except Exception:  # symbolic shapes etc.: show the all-contiguous kernel
-            layout = None
-        if layout is not None:
-            in_linear, out_linear, ndim = layout.in_linear, layout.out_linear, layout.ndim
-    if backend == "torch":
-        return f"{tree_text} (aten)", "# FXOPT_BACKEND=torch: evaluated with ATen ops\n# " + tree.expression() + "\n"
-    return ew.emit_triton(tree, dtype, in_linear, out_linear, ndim)

@@ -5,11 +5,15 @@ Calling ``kernel[grid](*args)`` binds and specialises every argument in Python o
 launch). Once a call site knows its specialisation is fixed (it keys its cache on everything
 Triton specialises on), it keeps the ``CompiledKernel`` the first call returned and launches it
 with :func:`run_compiled`, which does what the JIT does after binding: the launch hooks and the
-driver call.
+driver call. Callers that have checked their tensors' devices pass addresses (``t.data_ptr()``)
+for pointer arguments: for a tensor, Triton's launcher calls ``data_ptr()`` and asks the driver
+for the device pointer (``cuPointerGetAttribute``), per pointer and per launch.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
+
+_runtime_knobs = None
 
 
 def compiled_kernel(launch_result: Any) -> Optional[Any]:
@@ -28,10 +32,14 @@ def _hook(h):
 
 def run_compiled(k: Any, grid: Sequence[int], stream: int, args: Sequence[Any]) -> None:
     """Launch compiled kernel ``k`` on ``grid`` with all its arguments in order (constexprs included)."""
-    import triton
+    global _runtime_knobs
+    knobs = _runtime_knobs
+    if knobs is None:
+        import triton
 
-    knobs = triton.knobs.runtime
+        knobs = _runtime_knobs = triton.knobs.runtime
+    # the hooks are read per launch: a profiler may install them at any time
     enter, exit_ = _hook(knobs.launch_enter_hook), _hook(knobs.launch_exit_hook)
     meta = k.launch_metadata(tuple(grid), stream, *args) if enter is not None else None
-    gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+    gx, gy, gz = grid if len(grid) == 3 else (tuple(grid) + (1, 1))[:3]
     k.run(gx, gy, gz, stream, k.function, k.packed_metadata, meta, enter, exit_, *args)

@@ -1,112 +1,80 @@
-"""Scan custom ops (namespace ``fxopt``) that the ``scan`` pass calls.
+"""Scan custom ops (namespace ``fxopt``) that the ``scan`` pass emits.
 
-``fxopt::selective_scan`` -- the Mamba selective scan with its prologue and epilogue folded in::
+``fxopt::selective_scan`` (the Mamba selective scan with its prologue and epilogue folded in) and
+``fxopt::linear_scan`` (a general first-order linear recurrence): their arguments, layouts and
+plain-PyTorch references are in :mod:`fxopt.codegen.scan_ref` (:class:`SelectiveScanArgs`,
+:class:`LinearScanArgs`; the op schemas are read from those), re-exported here.
 
-    u, delta, z : (b, d, l)      A : (d, n)      B, C : (b, n, l)      D : (d,)     h0 : (b, d, n)
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t          (state in fp32, or fp64 for fp64 inputs)
-    y_t = sum_n h_t * C_t  [+ u_t * D]  [* silu(z_t)]
-    returns (y : (b, d, l) in ``out_dtype``, h_last : (b, d, n) in the compute dtype)
-
-``fxopt::linear_scan`` -- a general first-order linear recurrence::
-
-    a, b : (l, *S) (broadcastable to the state shape S, same rank)     h0 : broadcastable to S
-    h_t = a_t * h_{t-1} + b_t
-    C given  : y_t = sum over the last state axis of h_t * C_t  -> y : (l, *S[:-1])
-    C absent : y_t = h_t                                         -> y : (l, *S)
-    returns (y in ``out_dtype``, h_last : S in ``state_dtype``)
-
-CPU implementations are the plain-PyTorch references of :mod:`fxopt.ops.scan_ref`
-(``selective_scan_ref``, ``linear_scan_ref``): the same multiply-then-add per step in fp32 that the
-eager loop does, vectorised over every axis but time and chunked so the (b, d, l, n) tensors are
-never materialised whole. CUDA implementations are the Triton kernels of
-:mod:`fxopt.codegen.scan_triton` (falling back to the reference where Triton is unavailable or the
-layout is unsupported).
-
-Both ops carry autograd (:mod:`fxopt.ops.scan_grad`): the backward of the reference, recomputed
-chunk by chunk from states checkpointed at chunk boundaries, so training through a rewritten
-graph gets the gradients of the computation the op's contract describes.
+* fake impl: output shapes and dtypes, so rewritten graphs export / compile;
+* default (CPU) impl: the reference (``selective_scan_ref``, ``linear_scan_ref``);
+* CUDA impl: the kernels (:mod:`fxopt.codegen.scan_launch` for the selective scan: the Gluon kernel
+  on sm_80+, the plain-Triton one elsewhere, through a launch plan per input signature;
+  :func:`fxopt.codegen.scan_triton.linear_scan_triton`), the reference where Triton is missing;
+* autograd (:mod:`fxopt.ops.scan_grad`): the backward of the reference, recomputed chunk by chunk
+  from states checkpointed at chunk boundaries;
+* graph entry points :func:`selective_scan` / :func:`linear_scan`: what a rewritten graph should
+  call. Semantically the ops; when no gradient can flow and nothing traces the call
+  (:func:`fxopt.ops.ad_support.direct_call_ok`) they skip the dispatcher and its Python autograd
+  wrapper and run the implementation directly (CUDA: straight to the launch plan; CPU: the
+  reference); otherwise they call the op, so autograd records it and exported graphs contain it.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
+from ..codegen import register_source_provider
+from ..codegen.scan_ref import (LinearScanArgs, SelectiveScanArgs, compute_dtype, linear_scan_ref,  # noqa: F401
+                                linear_scan_shapes, op_signature, selective_scan_ref, selective_scan_shapes)
 from . import scan_grad
-from .ad_support import refuse_forward_ad
-from .scan_ref import _compute_dtype, _linear_scan_shapes, linear_scan_ref, selective_scan_ref  # noqa: F401
+from .ad_support import direct_call_ok, refuse_forward_ad
+
 
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fxopt::selective_scan", mutates_args=())
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    h0: Optional[Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
-) -> tuple[Tensor, Tensor]:
+def _selective_scan_default(*args, **kwargs):
     refuse_forward_ad("fxopt::selective_scan")
-    y, h = selective_scan_ref(u, delta, A, B, C, D, z, h0, out_dtype)
-    return y, h
+    return selective_scan_ref(*args, **kwargs)
 
 
-@selective_scan.register_fake
-def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, h0=None, out_dtype=None):
-    bsz, d, L = u.shape
-    n = A.shape[-1]
-    cd = _compute_dtype(u, delta, A, B, C, D, z, h0)
-    return u.new_empty((bsz, d, L), dtype=out_dtype or u.dtype), u.new_empty((bsz, d, n), dtype=cd)
+def _linear_scan_default(*args, **kwargs):
+    refuse_forward_ad("fxopt::linear_scan")
+    return linear_scan_ref(*args, **kwargs)
 
 
-@selective_scan.register_kernel("cuda")
-def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, h0=None, out_dtype=None):
+_selective_scan_default.__signature__ = op_signature(SelectiveScanArgs)
+_linear_scan_default.__signature__ = op_signature(LinearScanArgs)
+selective_scan_op = torch.library.custom_op("fxopt::selective_scan", mutates_args=())(_selective_scan_default)
+linear_scan_op = torch.library.custom_op("fxopt::linear_scan", mutates_args=())(_linear_scan_default)
+
+
+@selective_scan_op.register_fake
+def _selective_scan_fake(*args, **kwargs):
+    a = SelectiveScanArgs(*args, **kwargs)
+    y_shape, h_shape = selective_scan_shapes(a)
+    return (a.u.new_empty(y_shape, dtype=a.out_dtype or a.u.dtype),
+            a.u.new_empty(h_shape, dtype=compute_dtype(*a.tensors())))
+
+
+@linear_scan_op.register_fake
+def _linear_scan_fake(*args, **kwargs):
+    a = LinearScanArgs(*args, **kwargs)
+    S = linear_scan_shapes(a.a, a.b, a.h0)
+    sd = a.state_dtype or torch.promote_types(a.a.dtype, a.b.dtype)
+    yshape = [a.a.shape[0]] + (S[:-1] if a.C is not None else S)
+    return a.a.new_empty(yshape, dtype=a.out_dtype or sd), a.a.new_empty(S, dtype=sd)
+
+
+@selective_scan_op.register_kernel("cuda")
+def _selective_scan_cuda(*args, **kwargs):
     refuse_forward_ad("fxopt::selective_scan")
-    try:
-        from ..codegen import scan_triton
-    except ImportError:  # pragma: no cover - no triton on this machine
-        return selective_scan_ref(u, delta, A, B, C, D, z, h0, out_dtype)
-    return scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, h0, out_dtype)
+    return _selective_scan_kernel()(SelectiveScanArgs(*args, **kwargs))
 
 
-@torch.library.custom_op("fxopt::linear_scan", mutates_args=())
-def linear_scan(
-    a: Tensor,
-    b: Tensor,
-    h0: Optional[Tensor] = None,
-    C: Optional[Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    state_dtype: Optional[torch.dtype] = None,
-) -> tuple[Tensor, Tensor]:
+@linear_scan_op.register_kernel("cuda")
+def _linear_scan_cuda(*args, **kwargs):
     refuse_forward_ad("fxopt::linear_scan")
-    y, h = linear_scan_ref(a, b, h0, C, out_dtype, state_dtype)
-    return y, h
-
-
-@linear_scan.register_fake
-def _linear_scan_fake(a, b, h0=None, C=None, out_dtype=None, state_dtype=None):
-    S = _linear_scan_shapes(a, b, h0)
-    sd = state_dtype or torch.promote_types(a.dtype, b.dtype)
-    od = out_dtype or sd
-    L = a.shape[0]
-    yshape = [L] + (S[:-1] if C is not None else S)
-    return a.new_empty(yshape, dtype=od), a.new_empty(S, dtype=sd)
-
-
-@linear_scan.register_kernel("cuda")
-def _linear_scan_cuda(a, b, h0=None, C=None, out_dtype=None, state_dtype=None):
-    refuse_forward_ad("fxopt::linear_scan")
-    try:
-        from ..codegen import scan_triton
-    except ImportError:  # pragma: no cover
-        return linear_scan_ref(a, b, h0, C, out_dtype, state_dtype)
-    return scan_triton.linear_scan_triton(a, b, h0, C, out_dtype, state_dtype)
+    return _linear_scan_kernel()(*args, **kwargs)
 
 
 SELECTIVE_SCAN = torch.ops.fxopt.selective_scan.default
@@ -116,3 +84,80 @@ torch.library.register_autograd(
     "fxopt::selective_scan", scan_grad.selective_scan_backward, setup_context=scan_grad.selective_scan_setup_context)
 torch.library.register_autograd(
     "fxopt::linear_scan", scan_grad.linear_scan_backward, setup_context=scan_grad.linear_scan_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels (imported on first use: Triton is optional, and slow to import)
+# ----------------------------------------------------------------------------------------------
+_kernels: dict = {}
+
+
+def _selective_scan_kernel():
+    run = _kernels.get("selective_scan")
+    if run is None:
+        try:
+            from ..codegen import scan_launch
+        except ImportError:  # pragma: no cover - no triton on this machine
+            run = lambda a: selective_scan_ref(*a)  # noqa: E731
+        else:
+            run = scan_launch.run
+        run = _kernels["selective_scan"] = run
+    return run
+
+
+def _linear_scan_kernel():
+    run = _kernels.get("linear_scan")
+    if run is None:
+        try:
+            from ..codegen import scan_triton
+        except ImportError:  # pragma: no cover - no triton on this machine
+            run = linear_scan_ref
+        else:
+            run = scan_triton.linear_scan_triton
+        run = _kernels["linear_scan"] = run
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# graph entry points
+# ----------------------------------------------------------------------------------------------
+# Tests set this to drive the kernel path with CPU tensors under TRITON_INTERPRET=1 (no GPU in
+# CI). On CUDA tensors ``is_cuda`` short-circuits and it is never read.
+FAST_PATH_ON_CPU = False
+
+
+def selective_scan(*args, **kwargs):
+    """What rewritten graphs call (arguments as :class:`SelectiveScanArgs`). Semantically
+    ``fxopt::selective_scan``; see the module docstring for when the dispatcher is skipped."""
+    a = SelectiveScanArgs(*args, **kwargs)
+    if direct_call_ok(a[:8]):
+        if a.u.is_cuda or FAST_PATH_ON_CPU:
+            return _selective_scan_kernel()(a)
+        return selective_scan_ref(*a)
+    return SELECTIVE_SCAN(*a)
+
+
+def linear_scan(*args, **kwargs):
+    """What rewritten graphs call (arguments as :class:`LinearScanArgs`). Semantically
+    ``fxopt::linear_scan``; see the module docstring for when the dispatcher is skipped."""
+    a = LinearScanArgs(*args, **kwargs)
+    if direct_call_ok(a[:4]):
+        if a.a.is_cuda or FAST_PATH_ON_CPU:
+            return _linear_scan_kernel()(*a)
+        return linear_scan_ref(*a)
+    return LINEAR_SCAN(*a)
+
+
+# Graph targets that mean "a selective / linear scan": the op overloads and the entry points.
+SELECTIVE_SCAN_TARGETS = (SELECTIVE_SCAN, selective_scan)
+LINEAR_SCAN_TARGETS = (LINEAR_SCAN, linear_scan)
+
+
+def _kernel_source(node):
+    from ..codegen import scan_triton  # imported on demand: triton is optional
+
+    return "fxopt_scan_triton", scan_triton.kernel_source()
+
+
+for _target in (*SELECTIVE_SCAN_TARGETS, *LINEAR_SCAN_TARGETS):
+    register_source_provider(_target, _kernel_source)

@@ -1,7 +1,7 @@
 """Backward of the scan ops (``fxopt::selective_scan``, ``fxopt::linear_scan``), registered with
 ``torch.library.register_autograd`` by :mod:`fxopt.ops.scan`.
 
-What it differentiates: the op's contract is "the plain-PyTorch reference" (:mod:`fxopt.ops.scan_ref`:
+What it differentiates: the op's contract is "the plain-PyTorch reference" (:mod:`fxopt.codegen.scan_ref`:
 fp32 state for 16-bit inputs, fp64 for fp64), so the backward is the reference's own autograd
 backward, recomputed chunk by chunk (gradient checkpointing over time):
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .ad_support import first_order_only
-from .scan_ref import _compute_dtype, linear_scan_ref, selective_scan_ref
+from ..codegen.scan_ref import compute_dtype, linear_scan_ref, selective_scan_ref
 
 # Largest chunk of time steps recomputed at once under autograd.
 MAX_GRAD_CHUNK = 64
@@ -135,7 +135,7 @@ def selective_scan_vjp(inputs: Sequence[Optional[Tensor]], out_dtype: Optional[t
     """Gradients of ``(u, delta, A, B, C, D, z, h0)`` (None where not needed) given the gradients of
     ``y`` and ``h_last`` (None = zero)."""
     u, delta, A, B, C, D, z, h0 = inputs
-    cd = _compute_dtype(*inputs)
+    cd = compute_dtype(*inputs)
     chunks = grad_chunks(u.shape[2])
     op = forward_ops["selective_scan"]
 
@@ -198,7 +198,7 @@ def linear_scan_vjp(inputs: Sequence[Optional[Tensor]], out_dtype: Optional[torc
                     need: Sequence[bool]) -> list:
     """Gradients of ``(a, b, h0, C)`` (None where not needed) given those of ``y`` and ``h_last``."""
     a, b, h0, C = inputs
-    cd = _compute_dtype(*inputs)
+    cd = compute_dtype(*inputs)
     sd = state_dtype or torch.promote_types(a.dtype, b.dtype)
     od = out_dtype or sd  # resolved here: the chunks below pass their own state dtype
     chunks = grad_chunks(a.shape[0])
