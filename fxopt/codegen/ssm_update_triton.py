@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.ssm_update import conv_state_update_ref, selective_state_update_ref  # noqa: F401  (the references)
+from .ssm_update_ref import conv_state_update_ref, selective_state_update_ref  # noqa: F401  (the references)
 from .exp2 import exp2_fma
 from .launch import compiled_kernel, run_compiled
 

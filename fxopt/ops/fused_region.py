@@ -32,12 +32,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.autograd.forward_ad as _fwad
 
 from .. import config
 from ..codegen import region as rg
 from ..codegen import region_launch as rl
 from ..errors import CodegenError
+from .ad_support import direct_call_ok, refuse_forward_ad
 
 OP_NAME = "fxopt::fused_region"
 
@@ -50,15 +50,7 @@ def _evaluate(xs: Sequence[torch.Tensor], region: str) -> list[torch.Tensor]:
 
 
 def _refuse_forward_ad() -> None:
-    # the op has reverse-mode autograd only: under a forward-AD dual level (forward_ad, or
-    # torch.func.jvp) torch would run it as if no input had a tangent and return zero tangents,
-    # silently. (The same check as main's fxopt.ops.ad_support.refuse_forward_ad, which this
-    # branch predates: use that one after the merge.)
-    if _fwad._current_level >= 0:
-        raise CodegenError(
-            f"{OP_NAME} was called under forward-mode AD (torch.autograd.forward_ad.dual_level or "
-            "torch.func.jvp); the fused region implements reverse mode only and would return zero "
-            "tangents. Use reverse mode (backward / torch.autograd.grad), or the unoptimized model.")
+    refuse_forward_ad(OP_NAME)
 
 
 def _cpu_impl(xs, region):
@@ -120,12 +112,7 @@ fused_region_op = torch.ops.fxopt.fused_region.default
 # ----------------------------------------------------------------------------------
 # graph entry point
 # ----------------------------------------------------------------------------------
-_is_compiling = torch.compiler.is_compiling
-_dispatch_depth = torch._C._len_torch_dispatch_stack
-_grad_enabled = torch._C.is_grad_enabled
-_any_requires_grad = torch._C._any_requires_grad
 _functorch_active = torch._C._are_functorch_transforms_active
-_Tensor = torch.Tensor
 _backend_raw = config.backend_raw
 _FAST: dict[tuple, rl.RegionLauncher] = {}
 
@@ -144,20 +131,12 @@ def fused_region(xs, region: str):
     the call (grad mode with an input requiring grad, a torch.func transform, a forward-AD
     level), so the outputs carry history (or forward mode gets its clear error)."""
     x0 = xs[0]
-    if (
-        type(x0) is _Tensor
-        and (x0.is_cuda or FAST_PATH_ON_CPU)
-        and not (_grad_enabled() and _any_requires_grad(*xs))
-        and _fwad._current_level < 0
-        and not _functorch_active()
-        and not _is_compiling()
-        and not _dispatch_depth()
-    ):
+    if (x0.is_cuda or FAST_PATH_ON_CPU) and direct_call_ok(xs):
         key = (region, _backend_raw(), x0.get_device(),
                *[(x.shape, x.stride(), x.dtype, x.data_ptr() & 15) for x in xs])
         launcher = _FAST.get(key)
         if launcher is None:
-            if not all(type(x) is _Tensor and x.device == x0.device for x in xs):
+            if not all(x.device == x0.device for x in xs):
                 return fused_region_op(xs, region)
             if len(_FAST) >= rl._MAX_LAUNCHERS:
                 _FAST.clear()
