@@ -352,10 +352,12 @@ def test_float64_exact_path():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_contract_on_cuda(dtype):
-    """CUDA kernels differ from the CPU ones: addcmul with value=1 is fma(t1, t2, self) but with
-    value=-1 fma(value, t1*t2, self) rounds the product first (the original's bits in float32);
-    add with alpha is self + alpha*other in float32 (contracted to an fma by nvcc or not). The
-    contract admits all of these; this checks it on the device over the extreme distributions."""
+    """CUDA kernels differ from the CPU ones and between torch versions: recent addcmul is
+    fma(t1, t2, self) for value=1 but fma(value, t1*t2, self) otherwise, which rounds the
+    product first (the original's bits in float32); older builds round the product for every
+    value (pytorch#89764); add with alpha is self + alpha*other in float32, contracted to an fma
+    by nvcc or not. The contract admits all of these; this checks it on the device over the
+    extreme distributions and prints which clause each case used (run with -s)."""
     n = 1 << 14
     report = {}
     for k, dist in enumerate(EXTREMES + ("normal", "wide", "integer")):

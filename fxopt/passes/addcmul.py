@@ -13,10 +13,11 @@ for float64). RN is IEEE round-to-nearest-even in the result dtype, with ±inf f
 overflow threshold ``max + ulp(max)/2`` up. Per element, the rewrite computes
 
 * float32 / float64: RN(x), or the original's bits. RN(x) wherever ATen fuses the multiply-add
-  (its CPU addcmul and add-with-alpha kernels do, vector body and tail alike; CUDA addcmul with
-  value=1 calls fma); the original's bits where a kernel rounds the product first (CUDA
-  addcmul with value=-1 computes fma(value, t1*t2, self); CUDA add-with-alpha may or may not be
-  contracted to an fma by nvcc). Either way never further from x than the original.
+  (its CPU addcmul and add-with-alpha kernels do, vector body and tail alike; recent CUDA
+  addcmul with value=1 calls fma); the original's bits where a kernel rounds the product
+  first (recent CUDA addcmul with value=-1 computes fma(value, t1*t2, self); older CUDA
+  builds round the product for every value, pytorch#89764; CUDA add-with-alpha is contracted
+  to an fma by nvcc or not). Either way never further from x than the original.
 * float16 / bfloat16: RN(t) for a float32 t at most one float32 step from RN_fp32(x), or the
   original's bits (a kernel that rounds a bfloat16 product past float32's range to inf, as the
   original does). ATen computes 16-bit operands in float32 and rounds that result to the

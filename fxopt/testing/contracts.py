@@ -723,9 +723,9 @@ def fma_rounding(dtype: torch.dtype) -> Rounded:
     the exact ``c + v*a*b`` it stands for, for results of ``dtype``:
 
     * float32 / float64: correctly rounded (a fused multiply-add, as ATen's CPU kernels and
-      CUDA's ``addcmul`` with ``value=1`` compute), or bit-equal to the original two-rounding
-      computation (a kernel that rounds the product first, e.g. CUDA's ``addcmul`` with
-      ``value != 1``);
+      recent CUDA ``addcmul`` with ``value=1`` compute), or bit-equal to the original
+      two-rounding computation (a kernel that rounds the product first: recent CUDA
+      ``addcmul`` with ``value != 1``, older CUDA builds for every value);
     * float16 / bfloat16: computed in float32 and rounded once more: ``rounded(via=float32)``
       (the correctly rounded value, or the other neighbour of ``x`` within 1.5 float32 ulps of a
       halfway point), or bit-equal to the original.
