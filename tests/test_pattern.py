@@ -434,10 +434,13 @@ def test_property_silu_rule(kind, data, shape, dtype):
     if not expected:
         assert torch.equal(out, ref) or torch.allclose(out, ref, equal_nan=True)
         return
-    # contract: the gate's error vs fp64 is never larger than x*sigmoid(x)'s, elementwise,
-    # and the final add rounds both alike; we check the norm-wise fp64 contract on the output
+    # contract: norm-wise, the output's error vs fp64 is no worse than the original's plus one
+    # rounding at the gate's scale (the add may cancel it: x=1.541, y=-1.6053 in fp32 puts the
+    # gate's 1-ulp difference 8x above the original's error at the output's scale)
     x64, y64 = x.double(), y.double()
-    fp64_relative(1.0).check(ref, out, fp64_ref=x64 * torch.sigmoid(x64) + y64)
+    gate = x64 * torch.sigmoid(x64)
+    scale = float(gate[gate.isfinite()].abs().max()) if bool(gate.isfinite().any()) else 0.0
+    fp64_relative(1.0, atol=torch.finfo(dtype).eps * scale).check(ref, out, fp64_ref=gate + y64)
     if dtype == torch.float32:
         ulp(1).check(x * torch.sigmoid(x), F.silu(x))
 

@@ -4,6 +4,7 @@ promise (size-1 dims, odd sides, every special value, non-contiguous / broadcast
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -11,11 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt.testing import (
+    ExactValue,
     all_of,
     assert_equivalent,
     bitwise,
+    exact_fma,
+    fma_rounding,
     fp64_elementwise,
     fp64_relative,
+    round_exact,
+    rounded,
     ulp,
     ulp_distance,
 )
@@ -233,6 +239,120 @@ def test_fp64_elementwise_rejects_single_worse_element():
     cand[i] = next_up(ref[i : i + 1].abs()) * ref[i].sign() if ref[i] != 0 else cand[i] + 1e-3
     msg = rejects(fp64_elementwise(), ref, cand, fp64_ref=exact)
     assert f"index ({i},)" in msg
+
+
+# --------------------------------------------------------------------------- exact rounding
+
+
+def _rn_rational(x: Fraction, dtype) -> float:
+    """x rounded to nearest-even in dtype, by brute force over the neighbours (slow reference)."""
+    fi = torch.finfo(dtype)
+    top = Fraction(2) ** math.floor(math.log2(fi.max))
+    if abs(x) >= Fraction(fi.max) + top * Fraction(fi.eps) / 2:
+        return math.inf if x > 0 else -math.inf
+    guess = torch.tensor(float(x), dtype=torch.float64).to(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    cands = [t for t in (guess, torch.nextafter(guess, inf), torch.nextafter(guess, -inf)) if t.isfinite()]
+    iv = _IV[torch.finfo(dtype).bits // 8]
+    best = min(cands, key=lambda t: (abs(Fraction(t.item()) - x), int(t.reshape(1).view(iv)) & 1))
+    return best.item()
+
+
+def _exact_of(x: Fraction) -> ExactValue:
+    hi = float(x)
+    rest = float(x - Fraction(hi))
+    return ExactValue(torch.tensor([hi], dtype=torch.float64), torch.tensor([rest], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_round_exact_at_ties_thresholds_and_subnormals(dtype):
+    fi = torch.finfo(dtype)
+    mx = Fraction(fi.max)
+    half_ulp_max = Fraction(2) ** math.floor(math.log2(fi.max)) * Fraction(fi.eps) / 2
+    one = Fraction(1)
+    tiny = Fraction(from_bits(1, dtype).item())  # min subnormal
+    eps = Fraction(fi.eps)
+    nudge = Fraction(1, 2**200)
+    cases = [
+        mx + half_ulp_max,  # the threshold itself: a tie, rounds to "even" = inf
+        mx + half_ulp_max - nudge,  # just below: max
+        mx + half_ulp_max / 2,
+        one + eps / 2,  # tie -> 1 (even)
+        one + eps / 2 + nudge,  # past the tie (only lo tells) -> 1 + eps
+        one + eps / 2 - nudge,
+        one + 3 * eps / 2,  # tie -> 1 + 2 eps (even)
+        -(one + eps / 2 + nudge),
+        tiny / 2,  # tie between 0 and min subnormal -> +0
+        tiny / 2 + nudge,  # -> min subnormal
+        -(tiny / 2 + nudge),
+        3 * tiny / 2,  # tie -> 2 tiny
+        Fraction(1, 3),
+        -Fraction(10**30, 7),
+    ]
+    for x in cases:
+        got = round_exact(_exact_of(x), dtype)
+        assert got.dtype == dtype
+        want = _rn_rational(x, dtype)
+        assert got.item() == want and (want != 0 or got.signbit().item() == (x < 0)), (x, got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_exact_fma_and_round_exact_against_rationals(dtype):
+    g = torch.Generator().manual_seed(5)
+    vals = torch.cat([S._values(d, k, 64, dtype) for k, d in enumerate(S.DISTRIBUTIONS)])
+    a, b, c = (vals[torch.randperm(len(vals), generator=g)] for _ in range(3))
+    for value in (1.0, -1.0, 3.0):  # 3.0 takes the rational path
+        ex = exact_fma(c, a, b, value)
+        got = round_exact(ex, dtype)
+        for i in range(0, len(vals), 7):
+            x = Fraction(c[i].item()) + Fraction(value) * Fraction(a[i].item()) * Fraction(b[i].item())
+            assert got[i].item() == _rn_rational(x, dtype), (value, a[i], b[i], c[i])
+
+
+def test_exact_fma_non_finite_and_float64():
+    inf, nan = math.inf, math.nan
+    ex = exact_fma(torch.tensor([1.0, -inf, 1.0]), torch.tensor([inf, 2.0, nan]), torch.tensor([2.0, 3.0, 1.0]))
+    assert ex.hi[0] == inf and ex.hi[1] == -inf and ex.hi[2].isnan() and (ex.lo == 0).all()
+    a = torch.tensor([1 + 2.0**-40], dtype=torch.float64)
+    ex = exact_fma(-a * a, a, a)  # the product's rounding error, beyond float64
+    assert ex.hi.item() == float(Fraction(a.item()) ** 2 - Fraction((a * a).item()))
+    big = torch.tensor([1e300], dtype=torch.float64)
+    assert exact_fma(big, big, big).hi.item() == inf
+
+
+def test_rounded_contract():
+    t = lambda *v, dt=torch.float16: torch.tensor(v, dtype=dt)  # noqa: E731
+    exact = _exact_of(Fraction(1) + Fraction(1, 2**11) + Fraction(1, 2**60))  # just past a tie
+    up = t(1 + 2.0**-10)
+    assert rounded().check(t(1.0), up, fp64_ref=exact)["rounded"] == 1
+    msg = rejects(rounded(), up, t(1.0), fp64_ref=exact, match="not the rounding")
+    assert "index (0,)" in msg and "correctly rounded 1.0009765625" in msg
+    # through float32 first: 1 + 2^-11 exactly (a tie), then to even -> 1.0: the other neighbour
+    assert rounded(via=torch.float32).check(up, t(1.0), fp64_ref=exact)["other_neighbour"] == 1
+    rejects(rounded(via=torch.float32), up, t(1 - 2.0**-11), fp64_ref=exact)
+    far = _exact_of(Fraction(1) + Fraction(1, 2**12))  # not near a tie: only RN(x) = 1.0
+    rejects(rounded(via=torch.float32), t(1.0), up, fp64_ref=far)
+    # or_reference: the reference's bits are accepted as they are
+    assert rounded(or_reference=True).check(up, up, fp64_ref=far)["as_reference"] == 1
+    # NaN, inf and signed zero
+    assert rounded().check(t(0.0), t(math.nan), fp64_ref=torch.tensor([math.nan], dtype=torch.float64))
+    rejects(rounded(), t(math.nan), t(0.0), fp64_ref=torch.tensor([math.nan], dtype=torch.float64))
+    rejects(rounded(), t(65504.0), t(65504.0), fp64_ref=_exact_of(Fraction(65520)))  # the threshold: inf
+    rounded().check(t(65504.0), t(math.inf), fp64_ref=_exact_of(Fraction(65520)))
+    rejects(rounded(), t(0.0), t(-0.0), fp64_ref=_exact_of(Fraction(1, 2**30)))  # +tiny rounds to +0
+    rounded(via=torch.float32).check(t(0.0), t(-0.0), fp64_ref=torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="exact value"):
+        rounded().check(up, up)
+    assert rounded().needs_fp64
+    assert rounded(via=torch.float32, or_reference=True).name == "rounded(via=float32) | reference"
+
+
+def test_fma_rounding_per_dtype():
+    assert fma_rounding(torch.float32).via is None and fma_rounding(torch.float64).via is None
+    assert fma_rounding(torch.float16).via == torch.float32 and fma_rounding(torch.bfloat16).or_reference
+    a, b, c = (torch.tensor([v], dtype=torch.float16) for v in (39.5625, -384.5, -0.2185))
+    stats = fma_rounding(torch.float16).check(c + a * b, torch.addcmul(c, a, b), fp64_ref=exact_fma(c, a, b))
+    assert stats == {"rounded": 0, "other_neighbour": 1, "as_reference": 0, "violations": 0}
 
 
 def test_all_of_and_operator():
@@ -476,6 +596,32 @@ def test_distributions(dtype):
     assert ((tiny > 0) & (tiny < fi.tiny)).any()
     cancel = S._values("cancel", 0, 512, dtype).double()
     assert (cancel.abs() > 0.5 / fi.eps).all() and (cancel > 0).any() and (cancel < 0).any()
+    near = S._values("near_max", 0, 512, dtype).abs()
+    assert (near >= fi.max / 2).all() and (near == fi.max).any()
+    p = S._values("sqrt_max", 0, 512, dtype) * S._values("sqrt_max", 1, 512, dtype)
+    assert 0.2 < float(p.isinf().double().mean()) < 0.8  # products overflow about half the time
+    sub = S._values("subnormal", 0, 512, dtype).abs()
+    assert ((sub > 0) & (sub < fi.tiny)).all() and sub.unique().numel() > 100
+    # dyadic: products fall exactly halfway between two dtype values (ties) often
+    x = S._values("dyadic", 0, 512, dtype).double() * S._values("dyadic", 1, 512, dtype).double()
+    r = x.to(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    gap = torch.where(r.double().abs() < x.abs(), torch.nextafter(r, inf * r.sign()), torch.nextafter(r, -inf * r.sign()))
+    tie = (x != r.double()) & ((x - r.double()).abs() * 2 == (gap.double() - r.double()).abs())
+    assert int(tie.sum()) >= 10
+    # overflow_edge: products within a few ulps of max, both sides of the overflow threshold
+    e = S._values("overflow_edge", 0, 4096, dtype).double() * S._values("overflow_edge", 1, 4096, dtype).double()
+    rel = e.abs() / fi.max - 1
+    assert ((rel > 0) & (rel < 2 * fi.eps)).any() and ((rel <= 0) & (rel > -2 * fi.eps)).any()
+    # tie_edge: c + a*b next to a tie, where one rounding, two roundings and the product's
+    # rounding first disagree (float16, whose products can sit off a tie by less than c can push)
+    a, b, c = (S._values("tie_edge", k, 4096, dtype) for k in range(3))
+    x = exact_fma(c, a, b)
+    once, twice = round_exact(x, dtype), (c.float() + a.float() * b.float()).to(dtype)
+    if dtype == torch.float16:
+        assert int((once != twice).sum()) >= 4 and int(((c + a * b) != twice).sum()) >= 4
+    mixed = S._values("mixed", 0, 4096, dtype).abs()
+    assert (mixed == fi.max).any() and ((mixed > 0) & (mixed < fi.tiny)).any() and (mixed == 3).any()
 
 
 def test_tensors_without_specials_are_finite():

@@ -13,6 +13,10 @@ Contracts shipped here:
 * :func:`fp64_relative` ``(factor, atol=0.0, rtol=None)`` -- error against a float64 evaluation
   of the reference is no worse than ``factor`` x the original's own error (max-abs and RMS norms);
 * :func:`fp64_elementwise` ``(factor=1.0, atol=0.0, rtol=0.0)`` -- the same, per element;
+* :func:`rounded` ``(via=None, steps=1, or_reference=False)`` -- every element is the *exact*
+  value rounded to the dtype (to nearest, ties to even), optionally through a wider dtype
+  first; :func:`fma_rounding` ``(dtype)`` is the one a fused multiply-add kernel meets
+  (``addcmul``, ``add`` with ``alpha``), and :func:`exact_fma` computes the exact value it needs;
 * :func:`all_of` ``(*contracts)`` (also ``c1 & c2``) -- every contract must hold.
 
 :func:`assert_equivalent` runs a reference and a candidate callable on private copies of the
@@ -32,7 +36,8 @@ Rules common to every contract:
 from __future__ import annotations
 
 import math
-from typing import Any
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,11 +49,17 @@ __all__ = [
     "Fp64Relative",
     "Fp64Elementwise",
     "AllOf",
+    "Rounded",
+    "ExactValue",
     "bitwise",
     "ulp",
     "fp64_relative",
     "fp64_elementwise",
     "all_of",
+    "rounded",
+    "fma_rounding",
+    "exact_fma",
+    "round_exact",
     "ulp_distance",
     "assert_equivalent",
     "EquivalenceReport",
@@ -479,6 +490,253 @@ class Fp64Elementwise(Contract):
 def fp64_elementwise(factor: float = 1.0, atol: float = 0.0, rtol: float = 0.0) -> Fp64Elementwise:
     """Contract: per element, error vs fp64 no worse than ``factor`` x the original's."""
     return Fp64Elementwise(factor, atol, rtol)
+
+
+# --------------------------------------------------------------------------- exact values and rounding
+
+
+class ExactValue(NamedTuple):
+    """A real number per element, held as ``hi + lo`` (two float64 tensors of one shape).
+
+    ``hi`` is the number rounded to float64 (to nearest); ``lo`` is the rest rounded to
+    float64: zero exactly when ``hi`` is the number, otherwise its sign says on which side
+    of ``hi`` the number lies, which is all that rounding to a narrower dtype needs. Where
+    an operand was inf or NaN, ``hi`` holds the IEEE result and ``lo`` is zero."""
+
+    hi: Tensor
+    lo: Tensor
+
+
+_NARROW = (torch.float16, torch.bfloat16, torch.float32)
+_RANK = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}  # significand bits
+
+
+def _exact_scale(v: float) -> bool:
+    """``v * t`` is exact for the products :func:`exact_fma` forms: a moderate power of two."""
+    m, e = math.frexp(abs(v))
+    return m == 0.5 and -600 < e < 600
+
+
+def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``s + e == a + b`` exactly with ``s = fl(a + b)`` (Knuth's two-sum; finite float64)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, torch.where(s.isfinite(), e, torch.zeros_like(e))
+
+
+def exact_fma(c, t1, t2, value: float = 1.0) -> ExactValue:
+    """The exact value of ``c + value * t1 * t2`` per element (operands broadcast; tensors or numbers).
+
+    float16 / bfloat16 / float32 operands with ``value`` a power of two (±1 included) take a
+    fast path: the product has at most 48 significant bits, so it is exact in float64, and a
+    two-sum keeps the addition's rounding error. Anything else (float64 operands, another
+    ``value``) is computed per element with :class:`fractions.Fraction`: exact, slow, meant
+    for test-sized tensors. A scalar factor ``s`` of a kernel computing in float32 is passed
+    as ``torch.tensor(s, dtype=torch.float32)`` (the factor the kernel sees)."""
+    ts = [x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64) for x in (c, t1, t2)]
+    if not all(t.is_floating_point() for t in ts):
+        raise TypeError(f"exact_fma needs floating operands, got {[str(t.dtype) for t in ts]}")
+    shape = torch.broadcast_shapes(*(t.shape for t in ts))
+    c64, a64, b64 = (t.detach().cpu().to(torch.float64).expand(shape) for t in ts)
+    value = float(value)
+    prod = value * (a64 * b64)
+    hi, lo = _two_sum(c64, prod)
+    if all(t.dtype in _NARROW for t in ts) and _exact_scale(value):
+        return ExactValue(hi.contiguous(), lo.contiguous())
+    hi, lo = hi.reshape(-1).clone(), torch.zeros(hi.numel(), dtype=torch.float64)
+    fv = Fraction(value)
+    for i, (ci, ai, bi) in enumerate(zip(*(t.reshape(-1).tolist() for t in (c64, a64, b64)))):
+        if not all(map(math.isfinite, (ci, ai, bi, value))):
+            continue  # the float64 IEEE result is the answer (inf, NaN)
+        p = fv * Fraction(ai) * Fraction(bi)
+        x = Fraction(ci) + p
+        if x == 0:  # IEEE: an exact zero sum is +0 unless both addends are zeros of sign -
+            both_negative_zeros = p == 0 and math.copysign(1, ci) < 0 and math.copysign(1, value * ai * bi) < 0
+            hi[i] = -0.0 if both_negative_zeros else 0.0
+            continue
+        try:
+            h = float(x)  # correctly rounded (CPython divides the integers exactly)
+        except OverflowError:
+            hi[i] = math.inf if x > 0 else -math.inf
+            continue
+        hi[i] = h if h != 0 else (0.0 if x > 0 else -0.0)  # an underflow keeps the sign
+        lo[i] = float(x - Fraction(h))
+    return ExactValue(hi.reshape(shape), lo.reshape(shape))
+
+
+def _pick_odd(x: Tensor, y: Tensor) -> Tensor:
+    iv = _INT_VIEW[x.element_size()]
+    return torch.where((x.contiguous().view(iv) & 1) == 1, x, y)
+
+
+def _to_odd_f64(hi: Tensor, lo: Tensor) -> Tensor:
+    """``hi + lo`` rounded to odd in float64: exact values stay, others take the one of their
+    two float64 neighbours whose last significand bit is 1."""
+    towards = torch.where(lo > 0, torch.full_like(hi, math.inf), torch.full_like(hi, -math.inf))
+    inexact = (lo != 0) & hi.isfinite()
+    return torch.where(inexact, _pick_odd(hi, torch.nextafter(hi, towards)), hi)
+
+
+def _to_odd_f32(x: Tensor) -> Tensor:
+    """float64 ``x`` rounded to odd in float32 (see :func:`_to_odd_f64`)."""
+    t = x.to(torch.float32)
+    inexact = (t.to(torch.float64) != x) & ~x.isnan()
+    towards = torch.where(x > t.to(torch.float64), torch.tensor(math.inf), torch.tensor(-math.inf)).to(torch.float32)
+    return torch.where(inexact, _pick_odd(t, torch.nextafter(t, towards)), t)
+
+
+def _exact_parts(x, shape=None) -> tuple[Tensor, Tensor]:
+    if isinstance(x, ExactValue):
+        hi, lo = x.hi, x.lo
+    elif isinstance(x, Tensor):
+        hi = x
+        lo = torch.zeros_like(x, dtype=torch.float64)
+    else:
+        raise TypeError(f"expected an ExactValue or a float64 tensor, got {type(x).__name__}")
+    hi, lo = hi.detach().cpu().to(torch.float64), lo.detach().cpu().to(torch.float64)
+    if shape is not None:
+        hi, lo = hi.expand(shape), lo.expand(shape)
+    return hi, lo
+
+
+def round_exact(x: "ExactValue | Tensor", dtype: torch.dtype) -> Tensor:
+    """The exact value ``x`` (an :class:`ExactValue`, or a float64 tensor taken as exact) rounded
+    to ``dtype`` once: to nearest, ties to even, +-inf from the overflow threshold
+    ``max + ulp(max)/2`` up, as IEEE 754 rounds (a CPU tensor).
+
+    Why it is exact: rounding to odd at two or more extra bits, then to nearest, is the
+    correct rounding to nearest (a classic result, Boldo & Melquiond); float64 -> float32
+    and float32 -> float16/bfloat16 conversions round to nearest."""
+    hi, lo = _exact_parts(x)
+    if dtype not in _RANK:
+        raise ValueError(f"round_exact: {dtype} is not a floating dtype it knows ({list(_RANK)})")
+    if dtype == torch.float64:
+        return hi.clone()  # hi is the float64 rounding by definition
+    odd = _to_odd_f64(hi, lo)
+    if dtype == torch.float32:
+        return odd.to(torch.float32)
+    return _to_odd_f32(odd).to(dtype)
+
+
+def _signed_key(t: Tensor) -> Tensor:
+    """Integers in the order of the floats, -0.0 just below +0.0 (so a range can pin a zero's sign)."""
+    return 2 * _ordered(t) - t.signbit().to(torch.int64)
+
+
+class Rounded(Contract):
+    """Every element is the exact value ``x`` rounded to the dtype (:func:`round_exact`: to
+    nearest, ties to even, +-inf from the overflow threshold up).
+
+    * ``via=torch.float32`` (float16 / bfloat16 results): the value may pass through float32
+      first, as ATen's 16-bit kernels compute: the element must be the dtype rounding of a
+      float32 number at most ``steps`` float32 steps from the float32 rounding of ``x``. Two
+      roundings in a row: the element is the correctly rounded value or -- only where ``x``
+      lies within ``steps + 1/2`` float32 ulps of the point halfway between two dtype values
+      (or of the overflow threshold) -- the other dtype value next to ``x``.
+    * ``or_reference=True``: an element bit-equal to the reference (NaN matching NaN) is
+      accepted as well (a kernel that rounds the product first computes what the original did).
+
+    ``fp64_ref`` is an :class:`ExactValue` (see :func:`exact_fma`) or a float64 tensor taken as
+    exact -- right where a float64 evaluation of the reference is itself exact, which a
+    multiply-add of 16/32-bit operands is not always (use :func:`exact_fma` there). Zeros:
+    the sign must be the correctly rounded one (``via`` ranges may admit both); NaN expected
+    means any NaN; infinities are values like any other (+inf only where the rounding is +inf)."""
+
+    needs_fp64 = True
+
+    def __init__(self, via: torch.dtype | None = None, steps: int = 1, or_reference: bool = False):
+        if via is not None and via not in _RANK:
+            raise ValueError(f"rounded(via=...) needs a floating dtype, got {via}")
+        if steps < 0:
+            raise ValueError(f"rounded(steps=...) needs steps >= 0, got {steps}")
+        self.via, self.steps, self.or_reference = via, int(steps), bool(or_reference)
+        parts = [] if via is None else [f"via={str(via).replace('torch.', '')}"]
+        if via is not None and steps != 1:
+            parts.append(f"steps={steps}")
+        self.name = f"rounded({', '.join(parts)})" + (" | reference" if or_reference else "")
+
+    def _bounds(self, hi: Tensor, lo: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        expect = round_exact(ExactValue(hi, lo), dtype)
+        if self.via is None or _RANK[self.via] <= _RANK[dtype]:
+            return expect, expect, expect
+        t = round_exact(ExactValue(hi, lo), self.via)
+        down, up = t, t
+        for _ in range(self.steps):
+            down = torch.nextafter(down, torch.full_like(down, -math.inf))
+            up = torch.nextafter(up, torch.full_like(up, math.inf))
+        return expect, round_exact(down.to(torch.float64), dtype), round_exact(up.to(torch.float64), dtype)
+
+    def check(self, ref: Tensor, cand: Tensor, *, fp64_ref: "ExactValue | Tensor | None" = None) -> dict:
+        if fp64_ref is None:
+            raise ValueError(
+                f"{self.name} needs the exact value: call check(..., fp64_ref=exact_fma(...)) (or a float64 "
+                f"tensor that is exact)"
+            )
+        ref, cand = _prepare(ref, cand, self.name)
+        if not ref.is_floating_point():
+            return _check_exact_nonfloat(ref, cand, self.name)
+        ref, cand = ref.cpu(), cand.cpu()
+        hi, lo = _exact_parts(fp64_ref)
+        if tuple(torch.broadcast_shapes(hi.shape, ref.shape)) != tuple(ref.shape):
+            raise AssertionError(
+                f"{self.name}: exact value shape {tuple(hi.shape)} does not broadcast to {tuple(ref.shape)}"
+            )
+        hi, lo = hi.expand(ref.shape), lo.expand(ref.shape)
+        expect, low, high = self._bounds(hi, lo, ref.dtype)
+        c_nan, e_nan = _isnan(cand), _isnan(expect)
+        kc = _signed_key(cand)
+        in_range = torch.where(e_nan, c_nan, ~c_nan & (_signed_key(low) <= kc) & (kc <= _signed_key(high)))
+        rounded = torch.where(e_nan, c_nan, ~c_nan & (kc == _signed_key(expect)))
+        ok = in_range
+        if self.or_reference:
+            iv = _INT_VIEW[ref.element_size()]
+            same = (ref.contiguous().view(iv) == cand.contiguous().view(iv)) | (_isnan(ref) & c_nan)
+            ok = ok | same
+        n_bad = int((~ok).sum())
+        if n_bad:
+            flat = int((~ok).reshape(-1).nonzero()[0, 0])
+            shape = tuple(ref.shape)
+            h, l = hi.reshape(-1)[flat].item(), lo.reshape(-1)[flat].item()
+            allowed = (f"correctly rounded {_fmt(expect, flat)}" if self.via is None else
+                       f"allowed [{_fmt(low, flat)}, {_fmt(high, flat)}], correctly rounded {_fmt(expect, flat)}")
+            raise AssertionError(
+                f"{self.name}: {n_bad} of {ref.numel()} elements are not the rounding the contract allows "
+                f"(shape {shape}, dtype {ref.dtype}); first at index {_index(flat, shape)}: reference="
+                f"{_fmt(ref, flat)} candidate={_fmt(cand, flat)} exact={h!r}{'' if l == 0 else f' + {l!r}'}; {allowed}"
+            )
+        return {
+            "rounded": int(rounded.sum()),
+            "other_neighbour": int((in_range & ~rounded).sum()),
+            "as_reference": int((ok & ~in_range).sum()),
+            "violations": 0,
+        }
+
+
+def rounded(via: torch.dtype | None = None, steps: int = 1, or_reference: bool = False) -> Rounded:
+    """Contract: every element is the exact value rounded to the dtype (see :class:`Rounded`)."""
+    return Rounded(via, steps, or_reference)
+
+
+def fma_rounding(dtype: torch.dtype) -> Rounded:
+    """The contract of one ATen multiply-add kernel (``addcmul``, ``add`` with ``alpha``) against
+    the exact ``c + v*a*b`` it stands for, for results of ``dtype``:
+
+    * float32 / float64: correctly rounded (a fused multiply-add, as ATen's CPU kernels and
+      recent CUDA ``addcmul`` with ``value=1`` compute), or bit-equal to the original
+      two-rounding computation (a kernel that rounds the product first: recent CUDA
+      ``addcmul`` with ``value != 1``, older CUDA builds for every value);
+    * float16 / bfloat16: computed in float32 and rounded once more: ``rounded(via=float32)``
+      (the correctly rounded value, or the other neighbour of ``x`` within 1.5 float32 ulps of a
+      halfway point), or bit-equal to the original.
+
+    The exact value comes from :func:`exact_fma`. ``fxopt.passes.addcmul`` claims this contract."""
+    if dtype not in _RANK:
+        raise ValueError(f"fma_rounding: {dtype} is not a floating dtype")
+    via = torch.float32 if _RANK[dtype] < _RANK[torch.float32] else None
+    contract = Rounded(via=via, or_reference=True)
+    contract.name = f"fma_rounding({str(dtype).replace('torch.', '')})"
+    return contract
 
 
 # --------------------------------------------------------------------------- combinator

@@ -10,8 +10,11 @@ Public names:
 * :func:`shapes` -- shapes biased to size-1 and non-power-of-two sides;
 * :func:`float_dtypes` -- float32, float16, bfloat16 (optionally float64);
 * :func:`tensors` -- values from several distributions (normal, integers, huge magnitudes,
-  cancellation-prone ``big +- small``, subnormal range, wide dynamic range) with inf, -inf, nan,
-  -0.0, subnormals, max-finite spliced in;
+  cancellation-prone ``big +- small``, subnormal range, wide dynamic range, the top of the
+  finite range up to max, factors whose products straddle the overflow threshold, subnormal
+  bit patterns, short dyadic numbers whose products and sums fall on rounding ties, factors
+  and pushes that put ``c + a*b`` next to a tie, and an element-wise mixture of all of them)
+  with inf, -inf, nan, -0.0, subnormals, max-finite spliced in;
 * :data:`LAYOUTS`, :func:`layouts`, :func:`relayout` -- the same values in another memory layout
   (transposed, sliced with a step, misaligned storage offset, stride-0 broadcast);
 * :func:`strided_tensors` -- a tensor of a given shape in a drawn layout (including expanded views);
@@ -20,6 +23,7 @@ Public names:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -132,14 +136,31 @@ def special_values(dtype: torch.dtype) -> dict[str, Tensor]:
 
 # --------------------------------------------------------------------------- value distributions
 
-DISTRIBUTIONS = ("normal", "uniform", "integer", "large", "cancel", "tiny", "wide")
+DISTRIBUTIONS = (
+    "normal",
+    "uniform",
+    "integer",
+    "large",
+    "cancel",
+    "tiny",
+    "wide",
+    "near_max",
+    "sqrt_max",
+    "subnormal",
+    "dyadic",
+    "overflow_edge",
+    "tie_edge",
+    "mixed",
+)
+_SIG_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
 
 
 def _values(dist: str, seed: int, numel: int, dtype: torch.dtype) -> Tensor:
-    """``numel`` values of ``dtype`` drawn from distribution ``dist`` with a seeded generator."""
+    """``numel`` finite values of ``dtype`` drawn from distribution ``dist`` with a seeded generator."""
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
     fi = torch.finfo(dtype)
+    p = _SIG_BITS[dtype]
     if dist == "normal":
         v = torch.randn(numel, generator=g, dtype=f64)
     elif dist == "uniform":
@@ -158,9 +179,102 @@ def _values(dist: str, seed: int, numel: int, dtype: torch.dtype) -> Tensor:
         lim = min(60, int(math.log2(fi.max)) - 2)
         expo = torch.randint(-lim, lim + 1, (numel,), generator=g).to(f64)
         v = torch.randn(numel, generator=g, dtype=f64) * torch.exp2(expo)
+    elif dist == "near_max":  # max itself, a few ulps below it, or anywhere in [max/2, max]
+        ulp_max = 2.0 ** (math.floor(math.log2(fi.max)) - p + 1)
+        steps = torch.randint(0, 16, (numel,), generator=g).to(f64)
+        top = fi.max - steps * ulp_max  # exact: multiples of ulp(max) below max
+        spread = fi.max * (0.5 + 0.5 * torch.rand(numel, generator=g, dtype=f64))
+        v = torch.where(torch.rand(numel, generator=g) < 0.5, top, spread) * _signs(numel, g)
+    elif dist == "sqrt_max":  # sqrt(max) * 2^[-1.5, 1.5]: a product of two is max * 2^[-3, 3]
+        expo = torch.rand(numel, generator=g, dtype=f64) * 3 - 1.5
+        v = math.sqrt(fi.max) * torch.exp2(expo) * _signs(numel, g)
+    elif dist == "subnormal":  # every subnormal bit pattern equally likely, both signs
+        pattern = torch.randint(1, 2 ** (p - 1), (numel,), generator=g)
+        v = pattern.to(f64) * (fi.tiny * 2.0 ** -(p - 1)) * _signs(numel, g)  # exact: k * min_subnormal
+    elif dist == "dyadic":  # m * 2^e with |m| < 2^(p//2 + 1): products have ~p+2 bits -> ties
+        half = p // 2 + 1
+        m = torch.randint(-(2**half), 2**half + 1, (numel,), generator=g).to(f64)
+        top = min(p, int(math.log2(fi.max)) - half - 1)
+        expo = torch.randint(-p, top + 1, (numel,), generator=g).to(f64)
+        v = m * torch.exp2(expo)
+    elif dist == "overflow_edge":  # factors from pairs whose products sit at the overflow threshold
+        pool = _overflow_factors(dtype)
+        v = pool[torch.randint(0, len(pool), (numel,), generator=g)] * _signs(numel, g)
+    elif dist == "tie_edge":  # factors whose products sit next to a rounding tie, and small pushes
+        pool = _tie_factors(dtype)
+        v = pool[torch.randint(0, len(pool), (numel,), generator=g)] * _signs(numel, g)
+    elif dist == "mixed":  # each element from a random one of the others: every pairing of regimes
+        others = [d for d in DISTRIBUTIONS if d != "mixed"]
+        pick = torch.randint(0, len(others), (1, numel), generator=g)
+        seeds = torch.randint(0, 2**31 - 1, (len(others),), generator=g).tolist()
+        pool = torch.stack([_values(d, sd, numel, dtype) for d, sd in zip(others, seeds)])
+        return pool.gather(0, pick)[0]
     else:
         raise ValueError(f"unknown distribution {dist!r}; expected one of {DISTRIBUTIONS}")
     return v.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _overflow_factors(dtype: torch.dtype) -> Tensor:
+    """Values x and y with x*y within a few ulps of max, and small pushes c in (0, ulp(max)]:
+    ``c + x*y`` then crosses the overflow threshold max + ulp(max)/2 where ``c + round(x*y)``
+    may not (and the reverse). Sixteen x spread over [sqrt(max)/2, 2 sqrt(max)], each with the
+    five dtype values nearest max/x; eight multiples of ulp(max)/8. Two independent tensors
+    drawn from this pool pair such factors with probability ~1/70."""
+    fi = torch.finfo(dtype)
+    xs = (math.sqrt(fi.max) * torch.exp2(torch.arange(16, dtype=torch.float64) / 8 - 1)).to(dtype)
+    out = [xs]
+    for x in xs:
+        y = torch.tensor(fi.max / float(x), dtype=torch.float64).to(dtype)
+        for k in (-2, -1, 0, 1, 2):
+            out.append(_step(y, k).reshape(1))
+    ulp_max = 2.0 ** (math.floor(math.log2(fi.max)) - _SIG_BITS[dtype] + 1)
+    out.append((ulp_max / 8 * torch.arange(1, 9, dtype=torch.float64)).to(dtype))
+    return torch.cat(out).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _tie_factors(dtype: torch.dtype) -> Tensor:
+    """Factors a, b and pushes c for which ``c + a*b`` lies within a float32 ulp of the point
+    halfway between two dtype values while ``a*b`` itself does not: rounding it once, twice
+    (float32, then the dtype) or the product first all differ -- the double-rounding cases.
+
+    float16 (products have 22 bits): four pairs with ``a*b = m - D`` for a tie m in
+    [2^13, 2^14) and D = 0.21875, pushes ``D - u/4`` and ``D - 3u/4`` (u = float32's ulp
+    there), as in 39.5625 * 384.5 + 0.2185. Other dtypes cannot hold such a push (bfloat16) or
+    have no float32 step below them: products exactly on a tie and a few short pushes."""
+    p = _SIG_BITS[dtype]
+    if dtype == torch.float16:
+        grid = torch.arange(2**10, dtype=torch.float64)
+        a = 32 + grid / 32  # float16 values in [32, 64)
+        b = 256 + grid / 4  # and in [256, 512)
+        prod = a[:, None] * b[None, :]  # exact (22 bits)
+        in_binade = (prod >= 2**13) & (prod < 2**14)
+        hit = in_binade & (torch.remainder(prod, 8.0) == 4 - 0.21875)  # 8 = ulp there, 4 = half
+        ia, ib = hit.nonzero(as_tuple=True)
+        pick = torch.linspace(0, len(ia) - 1, 4).round().long()
+        u = 2.0**-10
+        pushes = torch.tensor([0.21875 - u / 4, 0.21875 - 3 * u / 4], dtype=torch.float64)
+        return torch.cat([a[ia[pick]], b[ib[pick]], pushes])
+    half = p // 2 + 1  # short significands: their products land on ties
+    m = 2.0**half + torch.arange(min(256, 2**half), dtype=torch.float64)
+    prod = m[:, None] * m[None, :]
+    expo = torch.floor(torch.log2(prod))
+    tie = torch.remainder(prod / torch.exp2(expo - p), 2.0) == 1
+    ia, ib = tie.nonzero(as_tuple=True)
+    if not len(ia):  # float64: such products are not exact in float64 itself; short dyadics instead
+        return _values("dyadic", 0, 18, dtype).to(torch.float64)
+    pick = torch.linspace(0, len(ia) - 1, 8).round().long()
+    pushes = torch.tensor([2.0**-p, 3 * 2.0 ** -(p + 1)], dtype=torch.float64) * 2 ** (2 * half)
+    return torch.cat([m[ia[pick]], m[ib[pick]], pushes]).to(dtype).to(torch.float64)
+
+
+def _step(x: Tensor, k: int) -> Tensor:
+    """``x`` moved ``k`` representable values (towards +inf for k > 0)."""
+    target = torch.tensor(math.inf if k > 0 else -math.inf, dtype=x.dtype)
+    for _ in range(abs(k)):
+        x = torch.nextafter(x, target)
+    return x
 
 
 def _signs(numel: int, g: torch.Generator) -> Tensor:
@@ -192,8 +306,8 @@ def tensors(
     Values: a distribution drawn from ``distributions`` (see :data:`DISTRIBUTIONS`) filled from a
     drawn seed, then, when ``special``, up to ``max_specials`` drawn positions overwritten with
     drawn :data:`SPECIAL_NAMES` (inf, -inf, nan, -0.0, subnormals, +-max, ...). With
-    ``special=False`` every value is finite (the "large" distribution stays below max/2, so
-    a single add may still overflow)."""
+    ``special=False`` every value is finite (but "near_max" reaches max and "sqrt_max"
+    products straddle it, so one add or multiply may overflow)."""
     shape = tuple(_resolve(draw, shape, shapes()))
     dtype = _resolve(draw, dtype, float_dtypes())
     if not dtype.is_floating_point:
