@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..errors import FxoptError
 from ..ops.latent_attention import check_decode_inputs, latent_decode_attention_ref  # noqa: F401  (the reference)
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # runtime loop bounds under the interpreter (see scan_triton)
@@ -51,6 +52,18 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _to_storage(x, dt: tl.constexpr, UPCAST: tl.constexpr):
+    """``x`` (fp32) rounded to the cache dtype. UPCAST (the interpreter with bf16): Triton's
+    interpreter truncates fp32 -> bf16 (a bias that would inflate the error several-fold), so round
+    to nearest even by bit manipulation, as the GPU's cvt.rn does, and keep the exact value in fp32."""
+    if UPCAST:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    return x.to(dt)
 
 
 @triton.jit
@@ -168,14 +181,15 @@ def _latent_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(cdt), c_tile, PRECISION, UPCAST)
+        acc = acc * alpha[:, None] + _dot(_to_storage(p, cdt, UPCAST), c_tile, PRECISION, UPCAST)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     if DIRECT:
         tl.store(out_ptr + row * s_ob + offs_h[:, None] * s_oh + ro[None, :] * s_or,
-                 o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_ro[None, :])
+                 _to_storage(o, out_ptr.dtype.element_ty, UPCAST).to(out_ptr.dtype.element_ty),
+                 mask=mask_h[:, None] & mask_ro[None, :])
     else:
         # partials: (b, n_splits, H, r) fp32 and (b, n_splits, H) log2-sum-exp, contiguous
         base = (row * n_splits + split) * H
@@ -186,7 +200,7 @@ def _latent_decode_kernel(
 
 @triton.jit
 def _latent_combine_kernel(part_ptr, lse_ptr, out_ptr, H, r, n_splits, s_ob, s_oh, s_or,
-                           BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+                           BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(0)
     rb = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -213,7 +227,8 @@ def _latent_combine_kernel(part_ptr, lse_ptr, out_ptr, H, r, n_splits, s_ob, s_o
         den += w
     total = tl.sum(den, axis=0)
     out = num / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * s_ob + h * s_oh + offs_r * s_or, out.to(out_ptr.dtype.element_ty), mask=mask_r)
+    out = _to_storage(out, out_ptr.dtype.element_ty, UPCAST).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * s_ob + h * s_oh + offs_r * s_or, out, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -305,6 +320,8 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
         lse = torch.empty((b, n_splits, H), dtype=torch.float32, device=c.device)
     precision = "ieee" if c.dtype == torch.float32 else "tf32"
     upcast = c.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    if upcast and q_latent.dtype != torch.bfloat16:
+        raise FxoptError("latent_decode_attention under TRITON_INTERPRET=1: a bf16 cache needs a bf16 query")
     _latent_decode_kernel[(n_hb * n_rb, n_splits, b)](
         q_latent, q_rot, c, k_rot, lengths, starts if starts is not None else lengths, out, part, lse,
         H, r, max(R, 1), T, float(scale) * LOG2E, n_rb, n_splits,
@@ -319,7 +336,7 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
         block_r = min(_pow2(r), 128)
         _latent_combine_kernel[(H, triton.cdiv(r, block_r), b)](
             part, lse, out, H, r, n_splits, *out.stride(), BLOCK_S=min(_pow2(n_splits), 32), BLOCK_R=block_r,
-            num_warps=4)
+            UPCAST=upcast and out.dtype == torch.bfloat16, num_warps=4)
     return out
 
 
