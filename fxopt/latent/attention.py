@@ -185,9 +185,15 @@ def attend(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optional[Tensor
     return output_from_latent(layer, dense_weight, dense_bias, c_hat, v_mode)
 
 
+def absorbed_output(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(W_ov, bias)`` for ``v_mode="into_output"``: computed once per layer, not per step."""
+    return absorbed_output_weight(layer, dense_weight), absorbed_output_bias(layer, dense_weight, dense_bias)
+
+
 def output_from_latent(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optional[Tensor], c_hat: Tensor,
-                       v_mode: str = "after_sum") -> Tensor:
-    """The attention block's output (b, Lq, d) from the attention-weighted latent ``c_hat`` (b, H, Lq, r)."""
+                       v_mode: str = "after_sum", absorbed: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
+    """The attention block's output (b, Lq, d) from the attention-weighted latent ``c_hat`` (b, H, Lq, r).
+    ``absorbed``: :func:`absorbed_output`'s precomputed weights for ``"into_output"``."""
     b, H, Lq, r = c_hat.shape
     if v_mode == "after_sum":
         o = torch.matmul(c_hat, layer.v_up.transpose(1, 2))  # (b, H, Lq, hd)
@@ -195,16 +201,16 @@ def output_from_latent(layer: LatentLayer, dense_weight: Tensor, dense_bias: Opt
             o = o + layer.v_bias[None, :, None, :]
         return F.linear(o.transpose(1, 2).reshape(b, Lq, -1), dense_weight, dense_bias)
     if v_mode == "into_output":
-        w_ov = absorbed_output_weight(layer, dense_weight)  # (H, d, r)
-        out = torch.einsum("bhlr,hdr->bld", c_hat, w_ov)
-        bias = absorbed_output_bias(layer, dense_weight, dense_bias)
+        w_ov, bias = absorbed if absorbed is not None else absorbed_output(layer, dense_weight, dense_bias)
+        out = torch.einsum("bhlr,hdr->bld", c_hat, w_ov)  # w_ov (H, d, r)
         return out if bias is None else out + bias
     raise LatentKVError(f"output_from_latent: v_mode must be 'after_sum' or 'into_output', got {v_mode!r}")
 
 
 def decode_attention(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optional[Tensor], q: Tensor,
                      c_cache: Tensor, k_rot_cache: Tensor, lengths: Tensor, starts: Optional[Tensor] = None, *,
-                     scaling: Optional[float] = None, v_mode: str = "after_sum") -> Tensor:
+                     scaling: Optional[float] = None, v_mode: str = "after_sum",
+                     absorbed: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
     """One decode step's attention block output (b, 1, d) over the latent cache, through the
     ``fxopt::latent_decode_attention`` op (absorbed scores; the Triton kernel on CUDA).
 
@@ -217,4 +223,4 @@ def decode_attention(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optio
     q_lat, q_rot = absorbed_query(layer, q)
     c_hat = latent_decode_attention(q_lat[:, :, 0].contiguous(), q_rot[:, :, 0].contiguous(), c_cache, k_rot_cache,
                                     lengths, starts, float(scaling))
-    return output_from_latent(layer, dense_weight, dense_bias, c_hat.unsqueeze(2), v_mode)
+    return output_from_latent(layer, dense_weight, dense_bias, c_hat.unsqueeze(2), v_mode, absorbed)
