@@ -148,11 +148,12 @@ def _check(kernel, q, qr, c, kr, lengths, starts, scale, **cfg):
     padded=st.booleans(),
     n_splits=st.sampled_from([None, 1, 2, 3, 7]),
     chunked=st.booleans(),
+    small_tiles=st.booleans(),
     strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragged, padded, n_splits, chunked, strided,
-                                  seed):
+def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragged, padded, n_splits, chunked,
+                                  small_tiles, strided, seed):
     scale = 1.0 / max(magnitude, 1.0) ** 2 / max(r, 1) ** 0.5  # scores of a sane size
     q, qr, c, kr = _case(b, H, r, R, T, dtype, seed, magnitude)
     g = torch.Generator().manual_seed(seed + 1)
@@ -167,6 +168,8 @@ def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragge
         cfg["n_splits"] = n_splits
     if chunked:  # the large-r path: output blocks of 16, scores in chunks of 16; rotary in chunks
         cfg.update(BLOCK_RO=16, BLOCK_RC=16, BLOCK_K=16)
+    if small_tiles:  # many context tiles per program: the online softmax's rescaling matters
+        cfg["BLOCK_T"] = 16
     _check(kernel, q, qr, c, kr, lengths.to(torch.int32), None if starts is None else starts.to(torch.int32), scale, **cfg)
 
 
@@ -182,6 +185,17 @@ def test_kernel_fixed_cases(kernel):
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     empty = kernel.latent_decode_attention_triton(q, qr, c[:, :0], kr[:, :0], torch.tensor([0, 0, 0]), None, 0.2)
     assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_kernel_online_softmax_rescales(kernel):
+    """Scores that grow along the context: every tile raises the running maximum, so a kernel that
+    did not rescale its accumulator would be far off."""
+    q, qr, c, kr = _case(2, 3, 16, 4, 90, torch.float16, 6)
+    ramp = torch.linspace(0.1, 3.0, 90, dtype=torch.float64)[None, :, None]
+    c = (c.double().abs() * ramp).half()
+    q = q.double().abs().half()
+    for cfg in (dict(BLOCK_T=16), dict(BLOCK_T=16, n_splits=2), dict(BLOCK_T=16, BLOCK_RO=16, BLOCK_RC=16)):
+        _check(kernel, q, qr, c, kr, torch.tensor([90, 77]), None, 0.5, **cfg)
 
 
 def test_kernel_detects_a_wrong_answer(kernel):

@@ -147,12 +147,12 @@ def test_trained_gpt_neox_perplexity_monotone_in_rank():
 
     model = trained.load_trained("gpt_neox")
     d = model.config.hidden_size
-    wins = trained.heldout_windows(512, max_windows=6)
-    base = trained.model_bits_per_byte(model, wins, 3)
+    wins = trained.heldout_windows(512, max_windows=4)
+    base = trained.model_bits_per_byte(model, wins, 4)
 
     def bpb(fact):
         lat = LatentGPTNeoX(model, fact)
-        return trained.bits_per_byte(lambda ids: lat(ids), wins, 3)
+        return trained.bits_per_byte(lambda ids: lat(ids), wins, 4)
 
     lossless = bpb(factorize(model))
     assert abs(lossless - base) < 1e-4 * base
@@ -162,7 +162,7 @@ def test_trained_gpt_neox_perplexity_monotone_in_rank():
     for hi, lo in zip(curve, curve[1:]):
         assert lo >= hi - 1e-3, curve
     assert curve[-1] > curve[0] + 0.01, curve
-    cal_ids = trained.windows(trained.byte_stream("train", max_bytes=16 * 513), 512, 16)[:, :-1]
+    cal_ids = trained.windows(trained.byte_stream("train", max_bytes=8 * 513), 512, 8)[:, :-1]
     calibrated = bpb(factorize(model, rank=d // 8, calibration=cal_ids))
     assert calibrated <= curve[3] + 1e-3, (calibrated, curve[3])
 
@@ -172,13 +172,12 @@ def test_trained_gpt_neox_greedy_agreement():
     """Greedy continuations of held-out prompts: the lossless latent model's cached generation is
     token-for-token HF's; a d/16 latent agrees less (the agreement measure can fail)."""
     from fxopt.latent import factorize
-    from fxopt.latent.model import LatentGPTNeoX, greedy_reference
+    from fxopt.latent.model import LatentGPTNeoX
 
     model = trained.load_trained("gpt_neox")
     prompts = trained.heldout_windows(64, max_windows=2)[:, :-1]
     ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=64, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ref, greedy_reference(model, prompts, 64))
     assert torch.equal(LatentGPTNeoX(model, factorize(model)).generate(prompts, None, 64), ref)
     low = LatentGPTNeoX(model, factorize(model, rank=model.config.hidden_size // 16)).generate(prompts, None, 64)
     agreement = float((low[:, 64:] == ref[:, 64:]).float().mean())
