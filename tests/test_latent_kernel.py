@@ -27,7 +27,7 @@ from fxopt.testing.contracts import fp64_relative
 KERNEL = fp64_relative(3.0)
 
 
-def _naive(q, qr, c, kr, lengths, starts, scale):
+def _naive(q, qr, c, kr, lengths, starts, scale, key_mask=None):
     """Row by row, head by head, in fp64: the definition the reference must match."""
     b, H, r = q.shape
     T = c.shape[1]
@@ -35,11 +35,12 @@ def _naive(q, qr, c, kr, lengths, starts, scale):
     for i in range(b):
         lo = 0 if starts is None else max(int(starts[i]), 0)
         hi = min(max(int(lengths[i]), 0), T)
-        if hi <= lo:
+        keys = [j for j in range(lo, hi) if key_mask is None or bool(key_mask[i, j])]
+        if not keys:
             continue
         for h in range(H):
-            s = (c[i, lo:hi].double() @ q[i, h].double() + kr[i, lo:hi, h].double() @ qr[i, h].double()) * scale
-            out[i, h] = torch.softmax(s, 0) @ c[i, lo:hi].double()
+            s = (c[i, keys].double() @ q[i, h].double() + kr[i, keys, h].double() @ qr[i, h].double()) * scale
+            out[i, h] = torch.softmax(s, 0) @ c[i, keys].double()
     return out
 
 
@@ -58,9 +59,14 @@ def test_reference_matches_naive_definition():
     q, qr, c, kr = _case(4, 3, 5, 2, 9, torch.float64, 0)
     lengths = torch.tensor([9, 0, 20, 4])      # full, empty, beyond T (clamped), ragged
     starts = torch.tensor([0, 0, 3, 6])        # left padding; starts > lengths: empty
+    key_mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(1)) > 0.4
+    key_mask[0] = False  # a row whose mask hides every key
     for st_ in (None, starts):
         out = la.latent_decode_attention_ref(q, qr, c, kr, lengths, st_, 0.7)
         torch.testing.assert_close(out, _naive(q, qr, c, kr, lengths, st_, 0.7), rtol=1e-12, atol=1e-12)
+        out = la.latent_decode_attention_ref(q, qr, c, kr, lengths, st_, 0.7, key_mask)
+        torch.testing.assert_close(out, _naive(q, qr, c, kr, lengths, st_, 0.7, key_mask), rtol=1e-12, atol=1e-12)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
     out = la.latent_decode_attention_ref(q, qr, c, kr, lengths, starts, 0.7)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[3], torch.zeros_like(out[3]))
 
@@ -70,6 +76,8 @@ def test_op_registration_and_fake():
     lengths = torch.tensor([6, 3], dtype=torch.int32)
     torch.library.opcheck(torch.ops.fxopt.latent_decode_attention.default, (q, qr, c, kr, lengths, None, 0.5))
     torch.library.opcheck(torch.ops.fxopt.latent_decode_attention.default, (q, qr, c, kr, lengths, lengths - 3, 0.5))
+    torch.library.opcheck(torch.ops.fxopt.latent_decode_attention.default,
+                          (q, qr, c, kr, lengths, None, 0.5, torch.rand(2, 6) > 0.5))
     out = la.latent_decode_attention(q, qr, c, kr, lengths, None, 0.5)
     assert torch.equal(out, la.latent_decode_attention_ref(q, qr, c, kr, lengths, None, 0.5))
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -80,10 +88,11 @@ def test_op_registration_and_fake():
         assert fo.shape == (2, 3, 8) and fo.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", ["rank", "heads", "lengths_dtype", "lengths_shape", "dtype"])
+@pytest.mark.parametrize("bad", ["rank", "heads", "lengths_dtype", "lengths_shape", "dtype", "mask"])
 def test_bad_inputs_get_clear_errors(bad):
     q, qr, c, kr = _case(2, 3, 8, 4, 6, torch.float32, 1)
     lengths = torch.tensor([6, 3])
+    key_mask = None
     if bad == "rank":
         c = c[..., :5]
     elif bad == "heads":
@@ -92,10 +101,12 @@ def test_bad_inputs_get_clear_errors(bad):
         lengths = lengths.float()
     elif bad == "lengths_shape":
         lengths = lengths[:1]
+    elif bad == "mask":
+        key_mask = torch.ones(2, 5, dtype=torch.bool)
     else:
         qr = qr.half()
     with pytest.raises(FxoptError, match="latent_decode_attention"):
-        la.latent_decode_attention_ref(q, qr, c, kr, lengths, None, 1.0)
+        la.latent_decode_attention_ref(q, qr, c, kr, lengths, None, 1.0, key_mask)
 
 
 # ----------------------------------------------------------------------------- the Triton kernel
@@ -127,10 +138,11 @@ def test_kernel_tests_under_the_interpreter():
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def _check(kernel, q, qr, c, kr, lengths, starts, scale, **cfg):
-    out = kernel.latent_decode_attention_triton(q, qr, c, kr, lengths, starts, scale, **cfg)
-    ref = la.latent_decode_attention_ref(q, qr, c, kr, lengths, starts, scale)
-    ref64 = la.latent_decode_attention_ref(q.double(), qr.double(), c.double(), kr.double(), lengths, starts, scale)
+def _check(kernel, q, qr, c, kr, lengths, starts, scale, key_mask=None, **cfg):
+    out = kernel.latent_decode_attention_triton(q, qr, c, kr, lengths, starts, scale, key_mask, **cfg)
+    ref = la.latent_decode_attention_ref(q, qr, c, kr, lengths, starts, scale, key_mask)
+    ref64 = la.latent_decode_attention_ref(q.double(), qr.double(), c.double(), kr.double(), lengths, starts, scale,
+                                           key_mask)
     assert out.shape == ref.shape and out.dtype == q.dtype
     return KERNEL.check(ref, out, fp64_ref=ref64)
 
@@ -146,19 +158,22 @@ def _check(kernel, q, qr, c, kr, lengths, starts, scale, **cfg):
     magnitude=st.sampled_from([1.0, 1e-3, 30.0, 2e4]),
     ragged=st.booleans(),
     padded=st.booleans(),
+    holes=st.sampled_from([None, 0.3, 0.9]),
     n_splits=st.sampled_from([None, 1, 2, 3, 7]),
     chunked=st.booleans(),
     small_tiles=st.booleans(),
     strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragged, padded, n_splits, chunked,
+def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragged, padded, holes, n_splits, chunked,
                                   small_tiles, strided, seed):
     scale = 1.0 / max(magnitude, 1.0) ** 2 / max(r, 1) ** 0.5  # scores of a sane size
     q, qr, c, kr = _case(b, H, r, R, T, dtype, seed, magnitude)
     g = torch.Generator().manual_seed(seed + 1)
     lengths = torch.randint(0, T + 3, (b,), generator=g) if ragged else torch.full((b,), T)
     starts = torch.randint(0, max(1, T // 2 + 1), (b,), generator=g) if padded else None
+    # a key mask with holes (fraction ``holes`` of the keys hidden; whole tiles masked at 0.9)
+    key_mask = None if holes is None else torch.rand(b, T, generator=g) >= holes
     if strided:  # caches that are views of bigger (layer, batch, T, ...) buffers, k_rot with R outermost
         c = torch.cat([c, c], dim=-1)[..., :r]
         kr = kr.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
@@ -170,7 +185,8 @@ def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragge
         cfg.update(BLOCK_RO=16, BLOCK_RC=16, BLOCK_K=16)
     if small_tiles:  # many context tiles per program: the online softmax's rescaling matters
         cfg["BLOCK_T"] = 16
-    _check(kernel, q, qr, c, kr, lengths.to(torch.int32), None if starts is None else starts.to(torch.int32), scale, **cfg)
+    _check(kernel, q, qr, c, kr, lengths.to(torch.int32), None if starts is None else starts.to(torch.int32), scale,
+           key_mask, **cfg)
 
 
 def test_kernel_fixed_cases(kernel):
@@ -183,6 +199,14 @@ def test_kernel_fixed_cases(kernel):
     _check(kernel, q, qr, c, kr, torch.tensor([0, 30, 11]), torch.tensor([0, 29, 12]), 0.2, n_splits=4)
     out = kernel.latent_decode_attention_triton(q, qr, c, kr, torch.tensor([0, 30, 0]), None, 0.2, n_splits=2)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    # the runtime's decode mask: left padding and everything after the current slot hidden; the first
+    # tiles of row 1 are entirely masked (running max -inf across a tile)
+    km = torch.zeros(3, 30, dtype=torch.bool)
+    km[0, :5] = True
+    km[1, 20:] = True
+    km[2, 3:17] = True
+    _check(kernel, q, qr, c, kr, torch.tensor([30, 30, 30]), None, 0.2, km, BLOCK_T=16)
+    _check(kernel, q, qr, c, kr, torch.tensor([30, 30, 30]), None, 0.2, km, BLOCK_T=16, n_splits=3)
     empty = kernel.latent_decode_attention_triton(q, qr, c[:, :0], kr[:, :0], torch.tensor([0, 0, 0]), None, 0.2)
     assert torch.equal(empty, torch.zeros_like(empty))
 

@@ -98,14 +98,15 @@ def _rot_slab(kr_row, offs_t, mask_t, h0, H, R, k0, s_kt, s_kh, s_ke, BLOCK_H: t
 
 @triton.jit
 def _latent_decode_kernel(
-    q_ptr, qr_ptr, c_ptr, kr_ptr, len_ptr, start_ptr, out_ptr, part_ptr, lse_ptr,
-    H, r, R, T, scale_log2, n_rb, n_splits,
+    q_ptr, qr_ptr, c_ptr, kr_ptr, len_ptr, start_ptr, km_ptr, out_ptr, part_ptr, lse_ptr,
+    H, r, R, T, scale_log2, n_rb, n_splits, s_mb,
     s_qb, s_qh, s_qr,
     s_pb, s_ph, s_pe,
     s_cb, s_ct, s_cr,
     s_kb, s_kt, s_kh, s_ke,
     s_ob, s_oh, s_or,
-    HAS_STARTS: tl.constexpr, HAS_ROT: tl.constexpr, SINGLE: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_STARTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ROT: tl.constexpr, SINGLE: tl.constexpr,
+    DIRECT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RC: tl.constexpr, NUM_RC: tl.constexpr,
     BLOCK_RO: tl.constexpr, BLOCK_K: tl.constexpr, NUM_KC: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, KR_FLAT: tl.constexpr,
@@ -150,6 +151,8 @@ def _latent_decode_kernel(
     for it in range(0, n_it):
         offs_t = lo + it * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < hi
+        if HAS_MASK:  # one byte per key (uint8 view of the bool mask): noise next to the cache row
+            mask_t = mask_t & (tl.load(km_ptr + row * s_mb + offs_t, mask=mask_t, other=0) != 0)
         s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
         if SINGLE:
             c_tile = tl.load(c_row + offs_t[:, None] * s_ct + ro[None, :] * s_cr,
@@ -178,8 +181,10 @@ def _latent_decode_kernel(
                     s += _dot(q_bd, tl.trans(k_slab), PRECISION, UPCAST)
         s = tl.where(mask_t[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a head whose keys so far are all masked has m = -inf: exponentiate against 0 instead (no NaN)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(_to_storage(p, cdt, UPCAST), c_tile, PRECISION, UPCAST)
         m_i = m_new
@@ -295,10 +300,11 @@ def decode_config(b: int, H: int, r: int, R: int, T: int, dtype: torch.dtype, sm
 
 
 def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_rot: Tensor, lengths: Tensor,
-                                   starts: Optional[Tensor] = None, scale: float = 1.0, **config) -> Tensor:
+                                   starts: Optional[Tensor] = None, scale: float = 1.0,
+                                   key_mask: Optional[Tensor] = None, **config) -> Tensor:
     """The kernel on any tensors Triton can take (CUDA; CPU under ``TRITON_INTERPRET=1``).
     ``config``: overrides of :func:`decode_config`. No host synchronisation (CUDA-graph safe)."""
-    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts)
+    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts, key_mask)
     b, H, r = q_latent.shape
     T, R = c.shape[1], q_rot.shape[2]
     out = torch.empty((b, H, r), dtype=q_latent.dtype, device=q_latent.device)
@@ -322,11 +328,14 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
     upcast = c.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if upcast and q_latent.dtype != torch.bfloat16:
         raise FxoptError("latent_decode_attention under TRITON_INTERPRET=1: a bf16 cache needs a bf16 query")
+    if key_mask is not None and key_mask.stride(1) != 1 and T > 1:
+        key_mask = key_mask.contiguous()
+    km = key_mask.view(torch.uint8) if key_mask is not None else lengths
     _latent_decode_kernel[(n_hb * n_rb, n_splits, b)](
-        q_latent, q_rot, c, k_rot, lengths, starts if starts is not None else lengths, out, part, lse,
-        H, r, max(R, 1), T, float(scale) * LOG2E, n_rb, n_splits,
+        q_latent, q_rot, c, k_rot, lengths, starts if starts is not None else lengths, km, out, part, lse,
+        H, r, max(R, 1), T, float(scale) * LOG2E, n_rb, n_splits, km.stride(0) if key_mask is not None else 0,
         *q_latent.stride(), *q_rot.stride(), *c.stride(), *k_rot.stride(), *out.stride(),
-        HAS_STARTS=starts is not None, HAS_ROT=R > 0, SINGLE=single, DIRECT=direct,
+        HAS_STARTS=starts is not None, HAS_MASK=key_mask is not None, HAS_ROT=R > 0, SINGLE=single, DIRECT=direct,
         BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"], BLOCK_RC=cfg["BLOCK_RC"],
         NUM_RC=1 if single else triton.cdiv(r, cfg["BLOCK_RC"]), BLOCK_RO=cfg["BLOCK_RO"],
         BLOCK_K=cfg["BLOCK_K"], NUM_KC=max(num_kc, 1), PRECISION=precision, UPCAST=upcast,
@@ -356,7 +365,7 @@ __all__ = ["latent_decode_attention_triton", "latent_decode_attention_ref", "dec
 
 
 def compile_for_target(arch: int = 90, *, dtype: str = "fp16", H: int = 32, r: int = 512, R: int = 20,
-                       T: int = 4096, b: int = 64, has_starts: bool = True, **override):
+                       T: int = 4096, b: int = 64, has_starts: bool = True, has_mask: bool = False, **override):
     """Compile the decode kernel for ``sm_<arch>`` (no GPU needed: ptxas ships with Triton) as a call
     with contiguous 16-byte aligned caches of these sizes would specialise it. For tests that
     check every configuration lowers to machine code, and for reading its register use."""
@@ -366,17 +375,17 @@ def compile_for_target(arch: int = 90, *, dtype: str = "fp16", H: int = 32, r: i
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     cfg = decode_config(b, H, r, R, T, tdt, **override)
     single = cfg["BLOCK_RO"] >= r and cfg["BLOCK_RC"] == cfg["BLOCK_RO"]
-    consts = dict(HAS_STARTS=has_starts, HAS_ROT=R > 0, SINGLE=single, DIRECT=cfg["n_splits"] == 1,
+    consts = dict(HAS_STARTS=has_starts, HAS_MASK=has_mask, HAS_ROT=R > 0, SINGLE=single, DIRECT=cfg["n_splits"] == 1,
                   BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"], BLOCK_RC=cfg["BLOCK_RC"],
                   NUM_RC=1 if single else triton.cdiv(r, cfg["BLOCK_RC"]), BLOCK_RO=cfg["BLOCK_RO"],
                   BLOCK_K=cfg["BLOCK_K"], NUM_KC=max(1, triton.cdiv(cfg["BLOCK_H"] * R, cfg["BLOCK_K"]) if R else 1),
                   PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KR_FLAT=True)
     ptr_dtype = {"q_ptr": dtype, "qr_ptr": dtype, "c_ptr": dtype, "kr_ptr": dtype, "len_ptr": "i32",
-                 "start_ptr": "i32", "out_ptr": dtype, "part_ptr": "fp32", "lse_ptr": "fp32"}
+                 "start_ptr": "i32", "km_ptr": "u8", "out_ptr": dtype, "part_ptr": "fp32", "lse_ptr": "fp32"}
     # the int arguments of a launch on contiguous (b, H, r) / (b, T, r) / (b, T, H, R) tensors: the JIT
     # specialises ints equal to 1 to constants and marks those divisible by 16 (so do we)
     n_rb = triton.cdiv(r, cfg["BLOCK_RO"])
-    ints = dict(H=H, r=r, R=max(R, 1), T=T, n_rb=n_rb, n_splits=cfg["n_splits"],
+    ints = dict(H=H, r=r, R=max(R, 1), T=T, n_rb=n_rb, n_splits=cfg["n_splits"], s_mb=T,
                 s_qb=H * r, s_qh=r, s_qr=1, s_pb=H * R, s_ph=R, s_pe=1, s_cb=T * r, s_ct=r, s_cr=1,
                 s_kb=T * H * R, s_kt=H * R, s_kh=R, s_ke=1, s_ob=H * r, s_oh=r, s_or=1)
     names = _latent_decode_kernel.arg_names

@@ -209,18 +209,19 @@ def output_from_latent(layer: LatentLayer, dense_weight: Tensor, dense_bias: Opt
 
 def decode_attention(layer: LatentLayer, dense_weight: Tensor, dense_bias: Optional[Tensor], q: Tensor,
                      c_cache: Tensor, k_rot_cache: Tensor, lengths: Tensor, starts: Optional[Tensor] = None, *,
-                     scaling: Optional[float] = None, v_mode: str = "after_sum",
+                     key_mask: Optional[Tensor] = None, scaling: Optional[float] = None, v_mode: str = "after_sum",
                      absorbed: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
     """One decode step's attention block output (b, 1, d) over the latent cache, through the
     ``fxopt::latent_decode_attention`` op (absorbed scores; the Triton kernel on CUDA).
 
     ``q`` (b, H, 1, hd) post-rotary; ``c_cache`` (b, T, r); ``k_rot_cache`` (b, T, H, R) post-rotary;
-    keys ``starts[i] <= j < lengths[i]`` are attended (``starts`` default 0: left padding skipped)."""
+    keys ``starts[i] <= j < lengths[i]`` (``starts`` default 0: left padding skipped) with
+    ``key_mask[i, j]`` (b, T) bool, if given, are attended."""
     from ..ops.latent_attention import latent_decode_attention
 
     s = layer.shape
     scaling = s.head_dim ** -0.5 if scaling is None else scaling
     q_lat, q_rot = absorbed_query(layer, q)
     c_hat = latent_decode_attention(q_lat[:, :, 0].contiguous(), q_rot[:, :, 0].contiguous(), c_cache, k_rot_cache,
-                                    lengths, starts, float(scaling))
+                                    lengths, starts, float(scaling), key_mask)
     return output_from_latent(layer, dense_weight, dense_bias, c_hat.unsqueeze(2), v_mode, absorbed)

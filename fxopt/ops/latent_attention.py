@@ -9,11 +9,12 @@ Letters: ``b`` batch, ``H`` heads, ``r`` latent rank, ``R`` rotary dims per head
     lengths  (b,) int    keys j < lengths[i] exist for row i (a ragged batch) ...
     starts   (b,) int    ... and j >= starts[i] (left padding skipped); None: 0
     scale    float
+    key_mask (b, T) bool ... and key_mask[i, j] (any pattern, e.g. the runtime's decode mask); None: all
 
     s[i, h, j]   = scale * (q_rot[i, h] . k_rot[i, j, h] + q_latent[i, h] . c[i, j])
-    out[i, h]    = sum_j softmax_j(s[i, h, starts[i] <= j < lengths[i]]) c[i, j]      (b, H, r)
+    out[i, h]    = sum_j softmax_j(s[i, h, j valid]) c[i, j]                          (b, H, r)
 
-``lengths`` is clamped to [0, T] and ``starts`` to >= 0; a row with no key gets zeros. The
+``lengths`` is clamped to [0, T] and ``starts`` to >= 0; a row with no valid key gets zeros. The
 output has ``q_latent``'s dtype; scores, softmax and the weighted sum accumulate in fp32 (fp64
 for fp64 inputs).
 
@@ -36,7 +37,7 @@ def _compute_dtype(*ts: Optional[Tensor]) -> torch.dtype:
 
 
 def check_decode_inputs(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_rot: Tensor, lengths: Tensor,
-                        starts: Optional[Tensor]) -> None:
+                        starts: Optional[Tensor], key_mask: Optional[Tensor] = None) -> None:
     """Shapes and dtypes (metadata only: never reads a device tensor)."""
     if q_latent.dim() != 3 or q_rot.dim() != 3 or c.dim() != 3 or k_rot.dim() != 4:
         raise FxoptError(
@@ -55,25 +56,31 @@ def check_decode_inputs(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_rot: Tenso
         if t.dim() != 1 or t.shape[0] != b or t.dtype not in (torch.int32, torch.int64):
             raise FxoptError(f"latent_decode_attention: {name} must be an int32/int64 tensor of shape ({b},), "
                              f"got {t.dtype} {tuple(t.shape)}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, T)):
+        raise FxoptError(f"latent_decode_attention: key_mask must be a bool tensor of shape ({b}, {T}), got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
     if not (q_latent.is_floating_point() and q_rot.dtype == q_latent.dtype and c.dtype == k_rot.dtype
             and c.is_floating_point()):
         raise FxoptError(f"latent_decode_attention: q_latent/q_rot must share a float dtype and c/k_rot another; got "
                          f"{q_latent.dtype}, {q_rot.dtype}, {c.dtype}, {k_rot.dtype}")
 
 
-def valid_keys(lengths: Tensor, starts: Optional[Tensor], T: int) -> Tensor:
+def valid_keys(lengths: Tensor, starts: Optional[Tensor], T: int, key_mask: Optional[Tensor] = None) -> Tensor:
     """(b, T) bool: the keys each row attends."""
     j = torch.arange(T, device=lengths.device)
     ok = j[None, :] < lengths.clamp(0, T)[:, None]
     if starts is not None:
         ok = ok & (j[None, :] >= starts.clamp(min=0)[:, None])
+    if key_mask is not None:
+        ok = ok & key_mask
     return ok
 
 
 def latent_decode_attention_ref(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_rot: Tensor, lengths: Tensor,
-                                starts: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
+                                starts: Optional[Tensor] = None, scale: float = 1.0,
+                                key_mask: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch decode attention over (c, k_rot) (module docstring)."""
-    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts)
+    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts, key_mask)
     cd = _compute_dtype(q_latent, q_rot, c, k_rot)
     T = c.shape[1]
     cc = c.to(cd)
@@ -81,7 +88,7 @@ def latent_decode_attention_ref(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_ro
     if q_rot.shape[-1]:
         s = s + torch.einsum("bhe,bthe->bht", q_rot.to(cd), k_rot.to(cd))
     s = s * scale
-    ok = valid_keys(lengths, starts, T)[:, None, :]
+    ok = valid_keys(lengths, starts, T, key_mask)[:, None, :]
     s = torch.where(ok, s, torch.full((), -torch.inf, dtype=cd, device=s.device))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -93,24 +100,26 @@ def latent_decode_attention_ref(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_ro
 
 @torch.library.custom_op("fxopt::latent_decode_attention", mutates_args=())
 def latent_decode_attention(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_rot: Tensor, lengths: Tensor,
-                            starts: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
-    return latent_decode_attention_ref(q_latent, q_rot, c, k_rot, lengths, starts, scale)
+                            starts: Optional[Tensor] = None, scale: float = 1.0,
+                            key_mask: Optional[Tensor] = None) -> Tensor:
+    return latent_decode_attention_ref(q_latent, q_rot, c, k_rot, lengths, starts, scale, key_mask)
 
 
 @latent_decode_attention.register_fake
-def _latent_decode_attention_fake(q_latent, q_rot, c, k_rot, lengths, starts=None, scale=1.0):
-    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts)
+def _latent_decode_attention_fake(q_latent, q_rot, c, k_rot, lengths, starts=None, scale=1.0, key_mask=None):
+    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts, key_mask)
     return q_latent.new_empty(q_latent.shape)
 
 
 @latent_decode_attention.register_kernel("cuda")
-def _latent_decode_attention_cuda(q_latent, q_rot, c, k_rot, lengths, starts=None, scale=1.0):
-    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts)
+def _latent_decode_attention_cuda(q_latent, q_rot, c, k_rot, lengths, starts=None, scale=1.0, key_mask=None):
+    check_decode_inputs(q_latent, q_rot, c, k_rot, lengths, starts, key_mask)
     if q_latent.dtype == torch.float64 or c.dtype == torch.float64:
-        return latent_decode_attention_ref(q_latent, q_rot, c, k_rot, lengths, starts, scale)
+        return latent_decode_attention_ref(q_latent, q_rot, c, k_rot, lengths, starts, scale, key_mask)
     from ..codegen import latent_decode
 
-    return latent_decode.latent_decode_attention_triton(q_latent, q_rot, c, k_rot, lengths, starts, scale)
+    return latent_decode.latent_decode_attention_triton(q_latent, q_rot, c, k_rot, lengths, starts, scale,
+                                                        key_mask=key_mask)
 
 
 LATENT_DECODE_ATTENTION = torch.ops.fxopt.latent_decode_attention.default
