@@ -263,7 +263,7 @@ _COMPILE = textwrap.dedent("""
 """)
 
 # the benchmark's shapes (Pythia-2.8B: 32 heads, 20 rotary dims): r = 512, 1024, lossless 2560
-_SM90 = [dict(r=512), dict(r=1024, b=1, T=16384), dict(r=2560, dtype="bf16")]
+_SM90 = [dict(r=512), dict(r=1024, b=1, T=16384, has_mask=True), dict(r=2560, dtype="bf16")]
 
 
 def test_kernel_compiles_for_sm90(tmp_path):
@@ -296,8 +296,9 @@ def test_kernel_on_cuda(r, b, T, dtype):
     g = torch.Generator().manual_seed(8)
     lengths = torch.randint(T // 2, T + 1, (b,), generator=g).cuda()
     starts = torch.randint(0, 9, (b,), generator=g).cuda()
-    out = la.latent_decode_attention(q, qr, c, kr, lengths, starts, 80 ** -0.5 / 4)
-    ref = la.latent_decode_attention_ref(q, qr, c, kr, lengths, starts, 80 ** -0.5 / 4)
-    ref64 = la.latent_decode_attention_ref(q.double(), qr.double(), c.double(), kr.double(), lengths, starts,
-                                           80 ** -0.5 / 4)
-    KERNEL.check(ref, out, fp64_ref=ref64)
+    for key_mask in (None, (torch.rand(b, T, generator=g) > 0.2).cuda()):
+        out = la.latent_decode_attention(q, qr, c, kr, lengths, starts, 80 ** -0.5 / 4, key_mask)
+        ref = la.latent_decode_attention_ref(q, qr, c, kr, lengths, starts, 80 ** -0.5 / 4, key_mask)
+        ref64 = la.latent_decode_attention_ref(q.double(), qr.double(), c.double(), kr.double(), lengths, starts,
+                                               80 ** -0.5 / 4, key_mask)
+        KERNEL.check(ref, out, fp64_ref=ref64)
