@@ -309,9 +309,16 @@ def test_factorize_model_report_and_bytes_shrink_with_rank():
     assert kept == sorted(kept) and kept[0] < kept[-1]
     clamped = factorize(model, rank=1000)
     assert clamped.ranks == [64] * 3 and any("lossless rank" in n for n in clamped.report().notes)
+    assert lossless.cache_layout() == [("latent", (3, 1, "b", "t", 64), torch.float32),
+                                       ("k_rot", (3, 1, "b", "t", 4, 4), torch.float32)]
+    assert lossless.cache_bytes(2, 10) == 2 * 10 * lossless.cache_bytes_per_token()
     half = factorize(model, budget=0.5)
     assert half.cache_bytes_per_token() <= 0.5 * half.mha_cache_bytes_per_token()
     assert half.cache_bytes_per_token() > 0.5 * half.mha_cache_bytes_per_token() - 3 * 4  # the budget is used
+    layout = half.cache_layout()
+    assert len(set(half.ranks)) > 1  # the budget spreads ranks unevenly (seeded model): one latent per layer
+    assert [name for name, _, _ in layout] == ["latent_0", "latent_1", "latent_2", "k_rot"]
+    assert half.cache_bytes(3, 7) == 3 * 7 * half.cache_bytes_per_token()
     for k, v in model.state_dict().items():  # the model was only read
         assert torch.equal(v, before[k])
 

@@ -92,6 +92,37 @@ class LatentFactorization:
     def mha_cache_bytes_per_token(self) -> int:
         return len(self.layers) * mha_bytes_per_token(self.shape, self.cache_dtype)
 
+    def cache_layout(self) -> list[tuple[str, tuple, torch.dtype]]:
+        """The cache a generation graph over this factorisation holds, in the terms of the runtime's
+        ``CacheSpec`` (issue 12): ``(name, shape, dtype)`` with the symbols ``"b"`` (batch) and ``"t"``
+        (cache length), for ``fxopt.runtime.cache_spec.CacheEntry(name, shape, dtype)``.
+
+        Uniform ranks: ``latent (n, 1, b, t, r)`` and ``k_rot (n, 1, b, t, H, R)``, stacked so that every
+        layer's graph is the same (optimize's layer templates), layer ``i`` reading the contiguous views
+        ``latent[i, 0]`` (b, t, r) and ``k_rot[i, 0]`` (b, t, H, R) the decode kernel takes as they are.
+        Axis 1 has the fixed size 1 for the reason the runtime's K/V cache has a fixed 2 there
+        (length templates cut inputs along axis 1). Ranks that differ per layer (``budget=``): one
+        ``latent_<i> (1, 1, b, t, r_i)`` per layer, then the stacked ``k_rot``."""
+        n = len(self.layers)
+        H, R = self.shape.heads, self.shape.rotary_dim
+        ranks = self.ranks
+        k_rot = ("k_rot", (n, 1, "b", "t", H, R), self.cache_dtype)
+        if len(set(ranks)) == 1:
+            return [("latent", (n, 1, "b", "t", ranks[0]), self.cache_dtype), k_rot]
+        return [(f"latent_{i}", (1, 1, "b", "t", r), self.cache_dtype) for i, r in enumerate(ranks)] + [k_rot]
+
+    def cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """Bytes of every tensor of :meth:`cache_layout` for this batch and length."""
+        es = torch.empty((), dtype=self.cache_dtype).element_size()
+        env = {"b": int(batch_size), "t": int(max_length)}
+        total = 0
+        for _, shape, _ in self.cache_layout():
+            n = 1
+            for dim in shape:
+                n *= env[dim] if isinstance(dim, str) else dim
+            total += n * es
+        return total
+
     def report(self) -> LatentReport:
         rows = [LayerReport(i, l.rank, l.lossless_rank, l.kept_energy, l.metric,
                             mha_bytes_per_token(self.shape, self.cache_dtype),
