@@ -312,6 +312,12 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
         return out
     if T == 0:
         return out.zero_()
+    # offsets within one row are int32 (row offsets are int64)
+    reach = max((T - 1) * abs(c.stride(1)) + (r - 1) * abs(c.stride(2)),
+                (T - 1) * abs(k_rot.stride(1)) + (H - 1) * abs(k_rot.stride(2)) + max(R - 1, 0) * abs(k_rot.stride(3)))
+    if reach >= 2**31:
+        raise FxoptError(f"latent_decode_attention: one row of the cache spans {reach:,} elements, beyond the kernel's "
+                         "int32 offsets; use a shorter cache or fewer latent dims per token")
     cfg = decode_config(b, H, r, R, T, c.dtype, _sm_count(c.device), **config)
     n_splits = cfg["n_splits"]
     single = cfg["BLOCK_RO"] >= r and cfg["BLOCK_RC"] == cfg["BLOCK_RO"]
