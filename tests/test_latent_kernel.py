@@ -222,6 +222,26 @@ def test_kernel_online_softmax_rescales(kernel):
         _check(kernel, q, qr, c, kr, torch.tensor([90, 77]), None, 0.5, **cfg)
 
 
+def test_unattended_slots_may_hold_anything(kernel):
+    """inf / nan in padding, beyond a row's length or under the key mask change nothing (reference and
+    kernel); a nan in an attended key makes that row nan in both."""
+    q, qr, c, kr = _case(2, 3, 16, 4, 40, torch.float16, 9)
+    lengths, starts = torch.tensor([30, 40]), torch.tensor([5, 0])
+    km = torch.ones(2, 40, dtype=torch.bool)
+    km[1, 10:14] = False
+    dirty_c, dirty_kr = c.clone(), kr.clone()
+    for row, slot in ((0, 2), (0, 35), (1, 11)):
+        dirty_c[row, slot] = float("nan")
+        dirty_kr[row, slot] = float("inf")
+    for fn in (la.latent_decode_attention_ref, kernel.latent_decode_attention_triton):
+        clean = fn(q, qr, c, kr, lengths, starts, 0.3, km)
+        assert torch.equal(fn(q, qr, dirty_c, dirty_kr, lengths, starts, 0.3, km), clean)
+        poisoned = c.clone()
+        poisoned[0, 7] = float("nan")
+        out = fn(q, qr, poisoned, kr, lengths, starts, 0.3, km)
+        assert bool(out[0].isnan().all()) and torch.equal(out[1], clean[1])
+
+
 def test_kernel_detects_a_wrong_answer(kernel):
     """The comparison can fail: a cache with one key changed after the reference ran differs."""
     q, qr, c, kr = _case(2, 3, 16, 4, 9, torch.float16, 5)

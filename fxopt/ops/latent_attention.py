@@ -14,7 +14,9 @@ Letters: ``b`` batch, ``H`` heads, ``r`` latent rank, ``R`` rotary dims per head
     s[i, h, j]   = scale * (q_rot[i, h] . k_rot[i, j, h] + q_latent[i, h] . c[i, j])
     out[i, h]    = sum_j softmax_j(s[i, h, j valid]) c[i, j]                          (b, H, r)
 
-``lengths`` is clamped to [0, T] and ``starts`` to >= 0; a row with no valid key gets zeros. The
+``lengths`` is clamped to [0, T] and ``starts`` to >= 0; a row with no valid key gets zeros;
+slots that are not attended are never read into the result (they may hold stale values, or
+inf / nan); an inf or nan in an attended key makes its row's output nan. The
 output has ``q_latent``'s dtype; scores, softmax and the weighted sum accumulate in fp32 (fp64
 for fp64 inputs).
 
@@ -88,12 +90,15 @@ def latent_decode_attention_ref(q_latent: Tensor, q_rot: Tensor, c: Tensor, k_ro
     if q_rot.shape[-1]:
         s = s + torch.einsum("bhe,bthe->bht", q_rot.to(cd), k_rot.to(cd))
     s = s * scale
-    ok = valid_keys(lengths, starts, T, key_mask)[:, None, :]
+    keys = valid_keys(lengths, starts, T, key_mask)
+    ok = keys[:, None, :]
     s = torch.where(ok, s, torch.full((), -torch.inf, dtype=cd, device=s.device))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
+    # slots that are not attended may hold anything (stale or never written): 0 * nan must not leak
+    cc = torch.where(keys[..., None], cc, torch.zeros((), dtype=cd, device=cc.device))
     out = torch.einsum("bht,btr->bhr", p, cc) / torch.where(denom > 0, denom, torch.ones_like(denom))
     return out.to(q_latent.dtype)
 
