@@ -52,7 +52,7 @@ from fxopt.models import trained  # noqa: E402
 CONTEXT = 512
 CONFIGS = {
     "gpt_neox": dict(vocab_size=256, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=CONTEXT, rotary_pct=0.25, rotary_emb_base=10000,
+                     intermediate_size=1024, max_position_embeddings=CONTEXT, rotary_pct=0.25,
                      use_parallel_residual=True, attention_bias=True, tie_word_embeddings=False,
                      hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0),
     "mamba": dict(vocab_size=256, hidden_size=256, state_size=16, num_hidden_layers=10, expand=2, conv_kernel=4,

@@ -283,7 +283,8 @@ _COMPILE = textwrap.dedent("""
 """)
 
 # the benchmark's shapes (Pythia-2.8B: 32 heads, 20 rotary dims): r = 512, 1024, lossless 2560
-_SM90 = [dict(r=512), dict(r=1024, b=1, T=16384, has_mask=True), dict(r=2560, dtype="bf16")]
+_SM90 = [dict(r=512), dict(r=1024, b=1, T=16384, has_mask=True), dict(r=2560, dtype="bf16"),
+         dict(r=256, H=4, R=16, b=4, T=600, dtype="fp32")]  # ... and the trained GPTNeoX in fp32
 
 
 def test_kernel_compiles_for_sm90(tmp_path):

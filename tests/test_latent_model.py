@@ -97,6 +97,20 @@ def test_wrapper_does_not_reach_the_users_model():
     assert sum(c.numel() * c.element_size() + k.numel() * k.element_size() for c, k in cache) == lat.cache_bytes(2, 10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lossless_on_cuda_through_the_kernel():
+    """On CUDA the factorisation lands on the model's device and decoding runs the Triton kernel:
+    tokens equal HF's generate."""
+    model = _model(True, 0.25, True).cuda()
+    lat = LatentGPTNeoX(model, factorize(model))
+    assert lat.factorization.layers[0].down.is_cuda
+    ids, mask = _batch()
+    ids, mask = ids.cuda(), mask.cuda()
+    hf_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)
+    assert torch.equal(lat.generate(ids, mask, 12), hf_tokens)
+
+
 def test_errors():
     model = _model()
     other = _model(layers=2)

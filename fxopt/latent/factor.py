@@ -32,7 +32,8 @@ most ``(eps/2)||M||_F`` in spectral norm, and by Weyl's inequality singular valu
 are indistinguishable from that rounding. For a trained layer ``M`` (m >= d rows) this is
 ``r = d``: cache ``(d + H R) / (2 d)`` of MHA's.
 
-All arithmetic is fp64; the factors are rounded to the requested dtype at the end. The plain
+All arithmetic is fp64 on the CPU; the factors are rounded to the requested dtype and put on the
+weights' device at the end. The plain
 down-projection has orthonormal rows (``c`` has ``x``'s scale); the whitened one maps the inputs
 to whitened coordinates (``E[c c^T] ~ I``): both are well scaled for an fp16 cache.
 """
@@ -129,7 +130,8 @@ class LayerSVD:
 
 def layer_svd(split: SplitQKV, *, whiten: Optional[Whitening] = None, storage_dtype: Optional[torch.dtype] = None) -> LayerSVD:
     """SVD of the layer's stacked k_pass / v weights, plain or whitened by ``whiten``."""
-    M = split.stacked().to(torch.float64)
+    # fp64 on the CPU whatever the weights' device (LAPACK; calibration statistics live there too)
+    M = split.stacked().detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(M).all()):
         raise LatentKVError("the layer's k / v weights hold inf or nan: there is nothing to factorise")
     storage_dtype = storage_dtype or split.v_weight.dtype
@@ -210,7 +212,9 @@ def truncate(split: SplitQKV, svd: LayerSVD, rank: int, shape: AttentionShape,
         notes.append(f"rank {rank} > {k} singular values: using {k}")
         rank = k
     dtype = dtype or split.v_weight.dtype
+    device = split.v_weight.device
     up, down = svd.factors(rank)
+    up, down = up.to(device), down.to(device)
     H, P, hd = shape.heads, shape.pass_dim, shape.head_dim
     k_up = up[: H * P].reshape(H, P, rank)
     v_up = up[H * P:].reshape(H, hd, rank)
