@@ -271,7 +271,7 @@ def test_split_heuristic():
 _COMPILE = textwrap.dedent("""
     import json, sys
     from fxopt.codegen import latent_decode
-    from fxopt.codegen.scan_gluon import disassemble, local_accesses_in_longest_loop, resource_usage
+    from fxopt.tools.sass import disassemble, local_accesses_in_longest_loop, resource_usage
     out = []
     for kw in json.loads(sys.argv[1]):
         k, cfg = latent_decode.compile_for_target(**kw)

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import FxoptError
-from ..ops.latent_attention import check_decode_inputs, latent_decode_attention_ref  # noqa: F401  (the reference)
+from .latent_decode_ref import check_decode_inputs, latent_decode_attention_ref  # noqa: F401  (the reference)
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # runtime loop bounds under the interpreter (see scan_triton)
     from .scan_triton import _fix_interpreter_index
