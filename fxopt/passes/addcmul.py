@@ -33,7 +33,6 @@ from torch.fx.node import Node
 
 from ..graph_utils import mark_provenance, propagate_meta
 from ..pass_base import Pass, PassResult
-from ..registry import register_pass
 
 aten = torch.ops.aten
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -271,4 +270,3 @@ class AddcmulPass(Pass):
         return PassResult(graph_module, stats["matches"] > 0, stats)
 
 
-register_pass("addcmul", AddcmulPass)
