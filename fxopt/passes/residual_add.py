@@ -165,7 +165,9 @@ def _fuse_tree(root: Node, ctx):
     tree = _grow(root, ctx.position)
     if len(tree.stmts) < 2:
         why = "; ".join(f"{a.name}: {w}" for a, w in tree.kept_as_leaf.items()) or "no operand is an add"
-        return decline(f"a single {_BINOPS[root.target]}, nothing to fuse ({why})", kind="single add", progress=1)
+        # an add operand that had to stay a leaf is the interesting near miss: rank it first
+        return decline(f"a single {_BINOPS[root.target]}, nothing to fuse ({why})", kind="single add",
+                       progress=1 + len(tree.kept_as_leaf))
     if len(tree.leaves) > MAX_LEAVES:
         return decline(f"{len(tree.leaves)} leaves, more than {MAX_LEAVES}", kind="size", progress=len(tree.stmts))
     outputs = [tree.root, *tree.extra]
@@ -187,7 +189,7 @@ def _fuse_tree(root: Node, ctx):
                 info={"tree": text})
 
 
-TREE_RULE = NodeRule("residual_add.tree", _fuse_tree, anchors=list(_BINOPS), contract=bitwise, progress_unit="adds")
+TREE_RULE = NodeRule("residual_add.tree", _fuse_tree, anchors=list(_BINOPS), contract=bitwise)
 
 
 def find_trees(gm: torch.fx.GraphModule) -> list[_Tree]:
@@ -211,9 +213,4 @@ class ResidualAddPass(RewritePass):
     """Fuse add trees into ``fxopt::fused_add_tree`` (bit-equal to eager)."""
 
     def __init__(self):
-        super().__init__("residual_add", [TREE_RULE], order="reverse", max_iterations=1)
-
-    def call(self, graph_module: torch.fx.GraphModule):
-        result = super().call(graph_module)
-        result.stats.setdefault("extra_outputs", 0)
-        return result
+        super().__init__("residual_add", [TREE_RULE], order="reverse", max_iterations=1, counters=("extra_outputs",))

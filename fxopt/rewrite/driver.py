@@ -110,6 +110,7 @@ class RewriteContext:
         self._made_by: dict[str, set] = defaultdict(set)
         self._fake_mode = _UNSET
         self.last_added: list[Node] = []
+        self.verified: set[Node] = set()  # fake values derived here (see PassResult.verified)
 
     # ---------------------------------------------------------------- for rules
     @property
@@ -162,7 +163,8 @@ class RewriteContext:
 
     def result(self) -> PassResult:
         return PassResult(self.graph_module, self.stats["matches"] > 0, dict(self.stats),
-                          rewrites=list(self.rewrites), declines=list(self.declines))
+                          rewrites=list(self.rewrites), declines=list(self.declines),
+                          verified={n for n in self.verified if is_live(n)})
 
 
 class Builder:
@@ -220,6 +222,7 @@ class Builder:
             return  # a graph without fake values: nothing to propagate or check against
         try:
             propagate_meta(self.graph_module, [node], mode)
+            self.ctx.verified.add(node)
         except Exception as exc:  # noqa: BLE001 - the replacement does not apply to these inputs
             first = (str(exc).splitlines() or [""])[0]
             raise Declined(Divergence("replacement", f"the replacement's {op_name(node)} fails on these inputs: "
@@ -290,10 +293,13 @@ def apply_replacement(ctx: RewriteContext, rule: RuleBase, anchor: Node, rep: Re
     for old, new in zip(rep.outputs, values):
         if new is old:
             continue
+        # check_values made sure new has old's dtype and shape: the moved users' values still fit
         if old in only:
             for u in only[old]:
                 u.replace_input_with(old, new)
+                ctx.verified.add(u)
         else:
+            ctx.verified.update(u for u in old.users if u not in matched)
             old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in matched)
     erased_names = [n.name for n in rep.matched]  # names before erasing (erased nodes keep them)
     erased = erase_dead(ctx.graph_module, rep.matched, upstream=rep.erase_unused_inputs)
@@ -414,7 +420,8 @@ class RewritePass(Pass):
     ``.declines`` say what fired where and (for rules that keep them) what declined and why."""
 
     def __init__(self, name: str, rules=None, *, phases: Sequence[Phase] | None = None, max_iterations: int = 8,
-                 order: str = "forward", fixpoint: bool = True, description: str | None = None):
+                 order: str = "forward", fixpoint: bool = True, counters: Sequence[str] = (),
+                 description: str | None = None):
         if (rules is None) == (phases is None):
             raise PatternError(f"RewritePass {name!r}: give either rules or phases")
         self.name = name
@@ -423,12 +430,15 @@ class RewritePass(Pass):
             phases = [Phase(RuleSet(as_rules(rules)), order, max_iterations)]
         self.phases = list(phases)
         self.rules = RuleSet([r for p in self.phases for r in p.rules])  # also checks names are unique
+        self.counters = tuple(counters)  # extra stats (Replacement.counts) reported even when 0
         if description is not None:
             self.__doc__ = description
 
     def make_context(self, graph_module: torch.fx.GraphModule, *, diagnose: bool = False) -> RewriteContext:
         ctx = RewriteContext(graph_module, self.name, diagnose=diagnose)
         ctx.init_stats(self.rules)
+        for k in self.counters:
+            ctx.stats.setdefault(k, 0)
         return ctx
 
     def rewrite(self, ctx: RewriteContext) -> None:
