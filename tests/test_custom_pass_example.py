@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_pass.py"
 
@@ -85,3 +87,32 @@ def test_example_runs_as_a_script():
                           cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rule hits" in proc.stdout
+
+
+_EX = None
+
+
+def _example():
+    global _EX
+    if _EX is None:
+        _EX = _load()
+    return _EX
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_square_rule_property_bitwise(data):
+    """The callable rule's contract, over dtypes, odd shapes, layouts and special values: the
+    rewritten graph returns pow(x, 2)'s bits (NaN payloads aside), and it fired once."""
+    import fxopt
+    from fxopt.testing import bitwise
+    from fxopt.testing import strategies as fst
+
+    ex = _example()
+    dtype = data.draw(fst.float_dtypes(include_fp64=True))
+    shape = data.draw(fst.shapes(min_dims=0, max_dims=3, max_side=9))
+    x = data.draw(fst.strided_tensors(shape, dtype))
+    gm = fxopt.capture_function(lambda t: t.pow(2), (x,))
+    res = fxopt.get_pass("square")(gm)
+    assert res.matches == 1
+    bitwise.check(x.pow(2), gm(x))

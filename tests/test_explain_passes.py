@@ -42,7 +42,8 @@ def test_every_registered_pass_is_explained_exactly_as_it_runs(graphs):
             assert gm.code == code and len(gm.graph.nodes) == n_nodes, (model, name)  # read-only
             res = fxopt.get_pass(name)(copy_graph_module(gm))
             assert rep.matches == res.matches and rep.stats == res.stats, (model, name, rep.stats, res.stats)
-            assert [r.rule for r in rep.rules] == [r.name for r in fxopt.get_pass(name).rules]
+            # rule tables report every rule; a user's hand-written pass (other tests register some) its count
+            assert [r.rule for r in rep.rules] == [r.name for r in getattr(fxopt.get_pass(name), "rules", [])]
             assert str(rep)  # renders
 
 
@@ -180,7 +181,7 @@ def test_names_rules_and_errors(graphs):
         def call(self, g):
             return fxopt.PassResult(g, False)
 
-    with pytest.raises(FxoptError, match="hand-written, not a rule table"):
-        fxopt.explain(gm, HandWritten())
+    hand = fxopt.explain(gm, HandWritten())
+    assert hand.rules == [] and hand.matches == 0 and "hand-written, not a rule table" in str(hand)
     with pytest.raises(FxoptError, match="got int"):
         fxopt.explain(gm, 3)

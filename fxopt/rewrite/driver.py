@@ -172,8 +172,10 @@ class Builder:
 
     ``b.call(target, *args, **kwargs)`` / ``b.op(target, args, kwargs, val=...)`` add a call
     (``val`` sets the fake value instead of propagating it); ``b.copy(node, env)`` copies a node
-    of another graph (a traced replacement) with its inputs mapped through ``env``. A call whose
-    target fails on its inputs' fake values declines the whole Replacement."""
+    of another graph (a traced replacement) with its inputs mapped through ``env``;
+    ``b.constant(tensor)`` adds a tensor the graph module holds. A call whose target fails on its
+    inputs' fake values declines the whole Replacement; a declined Replacement leaves nothing
+    behind (nodes and constants are removed)."""
 
     def __init__(self, ctx: RewriteContext, *, before: Node | None = None, after: Node | None = None):
         if (before is None) == (after is None):
@@ -184,6 +186,7 @@ class Builder:
         self.new: list[Node] = []
         self._before = before
         self._cursor = after
+        self._buffers: list[str] = []
 
     def _inserting(self):
         return self.graph.inserting_before(self._before) if self._before is not None else \
@@ -216,6 +219,25 @@ class Builder:
         self._propagate(new)
         return new
 
+    def constant(self, tensor: torch.Tensor, name: str = "fxopt_constant") -> Node:
+        """A new tensor held by the graph module (a buffer under a fresh ``name``, e.g. weights a
+        rewrite derives from the model's) and a ``get_attr`` node reading it. The user's model is
+        not touched: the buffer lives on the GraphModule being rewritten."""
+        gm = self.graph_module
+        qual, i = name, 0
+        while hasattr(gm, qual):
+            i += 1
+            qual = f"{name}_{i}"
+        gm.register_buffer(qual, tensor)
+        self._buffers.append(qual)
+        with self._inserting():
+            node = self.graph.get_attr(qual)
+        self._placed(node)
+        mode = self.ctx.fake_mode
+        node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
+        self.ctx.verified.add(node)
+        return node
+
     def _propagate(self, node: Node) -> None:
         mode = self.ctx.fake_mode
         if mode is None or any("val" not in i.meta for i in node.all_input_nodes):
@@ -233,6 +255,9 @@ class Builder:
         for n in reversed(self.new):  # nothing outside uses them yet: users were not re-pointed
             self.graph.erase_node(n)
         self.new.clear()
+        for qual in self._buffers:
+            delattr(self.graph_module, qual)
+        self._buffers.clear()
 
 
 def _short(dtype) -> str:
@@ -293,14 +318,18 @@ def apply_replacement(ctx: RewriteContext, rule: RuleBase, anchor: Node, rep: Re
     for old, new in zip(rep.outputs, values):
         if new is old:
             continue
-        # check_values made sure new has old's dtype and shape: the moved users' values still fit
+        # where check_values compared the two values (same dtype and shape), the moved users'
+        # values still fit: run_pass need not re-run them
+        compared = isinstance(old.meta.get("val"), torch.Tensor) and isinstance(
+            new.meta.get("val") if isinstance(new, Node) else None, torch.Tensor)
+        movers = list(only[old]) if old in only else [u for u in old.users if u not in matched]
         if old in only:
-            for u in only[old]:
+            for u in movers:
                 u.replace_input_with(old, new)
-                ctx.verified.add(u)
         else:
-            ctx.verified.update(u for u in old.users if u not in matched)
             old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in matched)
+        if compared:
+            ctx.verified.update(movers)
     erased_names = [n.name for n in rep.matched]  # names before erasing (erased nodes keep them)
     erased = erase_dead(ctx.graph_module, rep.matched, upstream=rep.erase_unused_inputs)
     if rep.after is not None:

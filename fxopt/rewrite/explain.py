@@ -108,13 +108,16 @@ class ExplainReport:
     rules: list[RuleExplanation]
     pass_name: str | None = None
     stats: dict = field(default_factory=dict)
+    note: str | None = None
 
     @property
     def matched(self) -> bool:
-        return any(r.matches for r in self.rules)
+        return self.matches > 0
 
     @property
     def matches(self) -> int:
+        if not self.rules:  # a hand-written pass: only its own count is known
+            return int(self.stats.get("matches", 0))
         return sum(len(r.matches) for r in self.rules)
 
     def __getitem__(self, name: str) -> RuleExplanation:
@@ -127,6 +130,8 @@ class ExplainReport:
         lines = []
         if self.pass_name is not None:
             lines.append(f"pass {self.pass_name}: {self.matches} rewrite(s) on a copy of the graph")
+        if self.note:
+            lines.append(f"  {self.note}")
         lines += [line for r in self.rules for line in r.lines()]
         return "\n".join(lines)
 
@@ -161,26 +166,26 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return out
 
 
-def _resolve(what) -> tuple[RewritePass, list[str] | None]:
-    """(the rule-table pass to run, the names of the rules to report, None = all)."""
+def _resolve(what) -> tuple[Pass, list[str] | None]:
+    """(the pass to run, the names of the rules to report, None = all)."""
     if isinstance(what, str):
         from ..registry import available_passes, get_pass
 
         names = available_passes()
         if what in names:
-            return _as_rewrite_pass(get_pass(what)), None
+            return get_pass(what), None
         owner, _, rule_name = what.partition(".") if "." in what and what.partition(".")[0] in names else (None, "", what)
         for pname in ([owner] if owner else names):
             p = get_pass(pname)
             if isinstance(p, RewritePass) and any(r.name == rule_name for r in p.rules):
                 return p, [rule_name]
+        tables = [(n, get_pass(n)) for n in names]
         raise UnknownPassError(
             f"no pass or rule named {what!r}; passes: {', '.join(names)}. Rules: "
-            + "; ".join(f"{n}: {', '.join(r.name for r in get_pass(n).rules)}" for n in names
-                        if isinstance(get_pass(n), RewritePass))
+            + "; ".join(f"{n}: {', '.join(r.name for r in p.rules)}" for n, p in tables if isinstance(p, RewritePass))
         )
     if isinstance(what, Pass):
-        return _as_rewrite_pass(what), None
+        return what, None
     if isinstance(what, (RuleBase, RuleSet)) or (isinstance(what, (list, tuple)) and what):
         rules = as_rules(what)
         return RewritePass(getattr(what, "name", None) or "explain", rules), None
@@ -188,13 +193,20 @@ def _resolve(what) -> tuple[RewritePass, list[str] | None]:
                      f"rules; got {type(what).__name__}: {what!r}")
 
 
-def _as_rewrite_pass(p: Pass) -> RewritePass:
-    if isinstance(p, RewritePass):
-        return p
-    raise FxoptError(
-        f"pass {p.name!r} ({type(p).__name__}) is hand-written, not a rule table, so there is nothing to explain "
-        "rule by rule; write it as an fxopt.RewritePass of Rules / NodeRules (see examples/custom_pass.py)"
-    )
+def _explain_hand_written(gm: torch.fx.GraphModule, p: Pass, top: int) -> ExplainReport:
+    """A pass that is not a rule table: its own ``explain(gm, top)`` if it has one, else what it
+    does to a copy (there are no rules to give near misses for)."""
+    own = getattr(p, "explain", None)
+    if callable(own):
+        return own(gm, top=top)
+    work = copy_graph_module(gm)
+    p.requires(work)
+    result = p.call(work)
+    stats = dict(getattr(result, "stats", {}) or {})
+    return ExplainReport([], p.name, stats, note=(
+        f"{type(p).__name__} is hand-written, not a rule table: it made {stats.get('matches', 0)} rewrite(s) on a "
+        "copy, and there are no rules to report near misses for; write it as an fxopt.RewritePass of Rules / "
+        "NodeRules (see examples/custom_pass.py) to get them"))
 
 
 def explain(graph_module, rule, top: int = 5) -> ExplainReport:
@@ -205,6 +217,8 @@ def explain(graph_module, rule, top: int = 5) -> ExplainReport:
     if not isinstance(gm, torch.fx.GraphModule):
         raise FxoptError(f"fxopt.explain needs a torch.fx.GraphModule (or an OptimizedModule), got {type(gm).__name__}")
     p, only = _resolve(rule)
+    if not isinstance(p, RewritePass):
+        return _explain_hand_written(gm, p, top)
     work = copy_graph_module(gm)
     ctx = p.make_context(work, diagnose=True)
     p.requires(work)
