@@ -172,6 +172,7 @@ def test_names_rules_and_errors(graphs):
     assert [r.rule for r in by_rule.rules] == ["dead_view"]
     assert by_rule["dead_view"].matches == fxopt.explain(gm, "cleanup")["dead_view"].matches  # run in its pass
     assert [r.rule for r in fxopt.explain(gm, "cleanup.to_same_dtype").rules] == ["to_same_dtype"]
+    assert [r.rule for r in fxopt.explain(gm, "residual_add.tree").rules] == ["residual_add.tree"]  # a dotted name
     with pytest.raises(UnknownPassError, match="no pass or rule named 'nope'.*cleanup: assert_on_computed_value"):
         fxopt.explain(gm, "nope")
 

@@ -174,12 +174,13 @@ def _resolve(what) -> tuple[Pass, list[str] | None]:
         names = available_passes()
         if what in names:
             return get_pass(what), None
-        owner, _, rule_name = what.partition(".") if "." in what and what.partition(".")[0] in names else (None, "", what)
-        for pname in ([owner] if owner else names):
-            p = get_pass(pname)
+        tables = [(n, get_pass(n)) for n in names]
+        # a rule name ("dead_view", "residual_add.tree"), or "<pass>.<rule>"
+        owner, _, tail = what.partition(".")
+        for pname, rule_name in [(n, what) for n in names] + ([(owner, tail)] if owner in names else []):
+            p = dict(tables)[pname]
             if isinstance(p, RewritePass) and any(r.name == rule_name for r in p.rules):
                 return p, [rule_name]
-        tables = [(n, get_pass(n)) for n in names]
         raise UnknownPassError(
             f"no pass or rule named {what!r}; passes: {', '.join(names)}. Rules: "
             + "; ".join(f"{n}: {', '.join(r.name for r in p.rules)}" for n, p in tables if isinstance(p, RewritePass))
