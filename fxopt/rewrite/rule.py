@@ -364,7 +364,7 @@ class Rule(RuleBase):
     def describe(self) -> str:
         """The traced pattern, one line per node (names usable in ``match.nodes``)."""
         tr = self.traced_pattern
-        lines = [f"rule {self.name} ({self.source}): inputs {', '.join(tr.input_names)}"]
+        lines = [f"rule {self.name} ({self.source}): inputs {', '.join(tr.input_names)}; contract {self.contract_name}"]
         for n in tr.nodes:
             args = ", ".join(f"{k}={fmt_lit(v) if not isinstance(v, Node) else tr.names[v]}" for k, v in normalized_args(n))
             lines.append(f"  {tr.names[n]} = {op_name(n)}({args})")
