@@ -1,42 +1,54 @@
-"""Pass registry: library and user passes by name.
+"""Pass registry: library and user passes by name, and what ``optimize(passes=...)`` accepts.
 
-``optimize(passes=["scan", "addcmul"])`` resolves names here; users add their own
-with :func:`register_pass`. A registered entry is a factory so every ``optimize``
-call gets fresh pass objects (passes may keep per-run statistics).
+The library passes are a table of names here (imported on first use, so ``import fxopt`` stays
+cheap and the pass modules never import the registry back); users add their own with
+:func:`register_pass`. A registered entry is a factory, so every ``optimize`` call gets fresh
+pass objects.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Iterable, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Union
 
 from .errors import FxoptError, UnknownPassError
-from .pass_base import Pass
+from .rewrite.driver import RewritePass
+from .rewrite.pass_base import Pass
+from .rewrite.rule import RuleBase, RuleSet
 
-PassFactory = Callable[[], Pass]
-PassSpec = Union[str, Pass]
+PassFactory = Callable[..., Pass]
+PassSpec = Union[str, Pass, RuleBase, RuleSet]
 
-_REGISTRY: dict[str, PassFactory] = {}
-
-# Library pass families, imported on first use so that ``import fxopt`` stays cheap.
-_BUILTIN_MODULES = ("fxopt.passes.scan", "fxopt.passes.addcmul", "fxopt.passes.residual_add", "fxopt.passes.cleanup")
+# Library passes: name -> "module:factory". The module is imported when the name is first used.
+_BUILTINS: dict[str, str] = {
+    "scan": "fxopt.passes.scan:ScanPass",
+    "addcmul": "fxopt.passes.addcmul:AddcmulPass",
+    "residual_add": "fxopt.passes.residual_add:ResidualAddPass",
+    "cleanup": "fxopt.passes.cleanup:CleanupPass",
+}
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
 # bodies, so the other order works too). cleanup runs last: the others may leave identity
 # casts behind, and it only removes calls that compute nothing.
 DEFAULT_PASSES: tuple[str, ...] = ("scan", "addcmul", "residual_add", "cleanup")
-_builtins_loaded = False
+
+_REGISTRY: dict[str, PassFactory] = {}
 
 
 def register_pass(name: str, factory: PassFactory | None = None, *, replace: bool = False):
-    """Register ``factory`` (a Pass subclass or a zero-argument callable returning a Pass)
-    under ``name``. Usable as a decorator::
+    """Register ``factory`` (a Pass subclass or a callable returning a Pass) under ``name``.
+    Usable as a decorator::
 
         @fxopt.register_pass("silu")
         class SiluPass(fxopt.Pass): ...
     """
 
     def _do(f: PassFactory) -> PassFactory:
-        if not replace and name in _REGISTRY and _REGISTRY[name] is not f:
+        if not callable(f):
+            raise FxoptError(f"register_pass({name!r}, ...) needs a Pass subclass or a callable returning a Pass, "
+                             f"got {type(f).__name__}")
+        known = _REGISTRY.get(name)
+        if not replace and ((known is not None and known is not f) or (known is None and name in _BUILTINS)):
             raise FxoptError(f"a pass named {name!r} is already registered; pass replace=True to override it")
         _REGISTRY[name] = f
         return f
@@ -44,55 +56,81 @@ def register_pass(name: str, factory: PassFactory | None = None, *, replace: boo
     return _do(factory) if factory is not None else _do
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # a family not shipped in this build
-            if exc.name != mod:
-                raise
+def _builtin_factory(name: str) -> PassFactory:
+    module, _, attr = _BUILTINS[name].partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    _REGISTRY.setdefault(name, factory)
+    return _REGISTRY[name]
 
 
 def available_passes() -> list[str]:
-    _load_builtins()
+    for name in _BUILTINS:  # so that pass_factory / _REGISTRY show their docstrings
+        if name not in _REGISTRY:
+            _builtin_factory(name)
     return sorted(_REGISTRY)
 
 
-def get_pass(name: str) -> Pass:
-    _load_builtins()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
+def pass_factory(name: str) -> PassFactory | None:
+    """The factory registered under ``name`` (None if there is none)."""
+    if name not in _REGISTRY and name in _BUILTINS:
+        _builtin_factory(name)
+    return _REGISTRY.get(name)
+
+
+def get_pass(name: str, **options: Any) -> Pass:
+    """A fresh pass object of the registered ``name``; ``options`` go to its factory."""
+    factory = pass_factory(name)
+    if factory is None:
         raise UnknownPassError(
             f"no pass named {name!r}; available: {', '.join(available_passes()) or '(none)'}. "
             "Register your own with fxopt.register_pass(name, factory)."
-        ) from None
-    p = factory()
+        )
+    try:
+        p = factory(**options)
+    except TypeError as exc:
+        if options:
+            raise FxoptError(f"pass {name!r} does not take the options {sorted(options)}: {exc}") from exc
+        raise
     if not isinstance(p, Pass):
         raise FxoptError(f"the factory registered as {name!r} returned {type(p).__name__}, not an fxopt.Pass")
     return p
 
 
-def resolve_passes(passes: Iterable[PassSpec] | None) -> list[Pass]:
-    """Turn ``optimize(passes=...)`` into pass objects. ``None`` means the defaults
-    (those of :data:`DEFAULT_PASSES` that are registered)."""
+def _accepted() -> str:
+    return ("a registered pass name (str), an fxopt.Pass, an fxopt.Rule / NodeRule / RuleSet (run as a pass of "
+            f"its own), or a list of those; registered names: {', '.join(available_passes())}")
+
+
+def _one(spec) -> Pass:
+    if isinstance(spec, str):
+        return get_pass(spec)
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, RuleBase):
+        return RewritePass(spec.name, [spec])
+    if isinstance(spec, RuleSet):
+        if not len(spec):
+            raise FxoptError("passes= got an empty RuleSet")
+        return RewritePass(spec.name or "+".join(r.name for r in spec), spec)
+    if isinstance(spec, type) and issubclass(spec, Pass):
+        raise FxoptError(f"passes= got the class {spec.__name__}, not a pass object: give {spec.__name__}() "
+                         "or its registered name")
+    raise FxoptError(f"passes= got {type(spec).__name__}: {spec!r:.80}; it takes {_accepted()}")
+
+
+def resolve_passes(passes: Any) -> list[Pass]:
+    """Turn ``optimize(passes=...)`` into pass objects: ``None`` (the defaults, in
+    :data:`DEFAULT_PASSES` order), one name / Pass / Rule / RuleSet, or an iterable of those."""
     if passes is None:
-        _load_builtins()
-        return [get_pass(n) for n in DEFAULT_PASSES if n in _REGISTRY]
-    if isinstance(passes, (str, Pass)):
-        passes = [passes]
+        return [get_pass(n) for n in DEFAULT_PASSES]
+    if isinstance(passes, (str, Pass, RuleBase, RuleSet, type)):
+        return [_one(passes)]
+    if isinstance(passes, (bytes, Mapping)) or not isinstance(passes, Iterable):
+        raise FxoptError(f"passes= got {type(passes).__name__}: {passes!r:.80}; it takes {_accepted()}")
     out: list[Pass] = []
     for spec in passes:
-        if isinstance(spec, Pass):
-            out.append(spec)
-        elif isinstance(spec, str):
-            out.append(get_pass(spec))
-        else:
-            raise FxoptError(
-                f"passes= takes fxopt.Pass objects or registered names, got {type(spec).__name__}: {spec!r}"
-            )
+        if not isinstance(spec, (str, Pass, RuleBase, RuleSet, type)):
+            raise FxoptError(f"passes= got a {type(passes).__name__} holding {type(spec).__name__}: {spec!r:.80}; "
+                             f"it takes {_accepted()}")
+        out.append(_one(spec))
     return out

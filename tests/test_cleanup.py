@@ -55,8 +55,8 @@ def test_removes_identity_casts_and_checks_on_computed_values():
     kept = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ASSERT]
     assert kept[0].args[0].op == "placeholder"
     _check_same(ref, gm, args)
-    assert [name for name, _, _ in RULES] == ["assert_on_computed_value", "to_same_dtype", "identity_view", "dead_view"]
-    assert all(src.startswith(cleanup_mod.__file__ + ":") for _, _, src in RULES)
+    assert [r.name for r in RULES] == ["assert_on_computed_value", "to_same_dtype", "identity_view", "dead_view"]
+    assert all(r.source.startswith(cleanup_mod.__file__ + ":") for r in RULES)
 
 
 class RealCasts(torch.nn.Module):

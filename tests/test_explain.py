@@ -6,8 +6,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.capture import capture
-from fxopt.explain import ExplainReport, explain
-from fxopt.pattern import Rule, RewritePass
+from fxopt.rewrite import ExplainReport, explain
+from fxopt.rewrite import Rule, RewritePass
 
 aten = torch.ops.aten
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fxopt
@@ -257,6 +257,11 @@ def _conv_update_property(dims, k, dtype, data):
     from fxopt.codegen.ssm_update_triton import conv_state_update_triton
 
     window = torch.cat([conv, x], -1).float()
+    # The contract's domain: a reordered dot product may overflow in a partial sum where the
+    # eager order does not (or the reverse) once the terms' magnitudes sum past the dtype's max;
+    # there only the order decides finiteness, and no reordering kernel can promise eager's.
+    mags = (window.double()[..., 1:].abs() * w.double().abs()).sum(-1) + wb.double().abs()
+    assume(bool((mags < torch.finfo(dtype).max).all()))
     assert_equivalent(lambda *a: conv_state_update_ref(*a, True), lambda *a: conv_state_update_triton(*a, True),
                       (x, conv, w, wb), _dot_contract(k + 1, window, w.float()), reference_fp64_fn=_ref64_conv,
                       fp64_audit="error")

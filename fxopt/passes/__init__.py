@@ -1,2 +1,3 @@
-"""Library passes, one family per module. Each module registers its passes by name
-with :func:`fxopt.registry.register_pass` when imported."""
+"""Library passes, one family per module, each a rule table of the rewrite engine
+(:mod:`fxopt.rewrite`). They do not register themselves: :mod:`fxopt.registry` names them and
+imports a module when its name is first used."""

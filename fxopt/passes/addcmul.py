@@ -1,9 +1,10 @@
 """The ``"addcmul"`` pass: a multiply feeding an add becomes one ``aten.addcmul``.
 
-A rule table in the spirit of tinygrad's ``symbolic.py``: every ATen spelling is one
-:class:`Spelling` entry with the algebra in its docstring-comment, the source location
-where it is defined, and a hit counter (``ADDCMUL_RULES[i].hits``; the pass also reports
-``stats["rule:<name>"]``).
+A rule table in the spirit of tinygrad's ``symbolic.py``: every ATen spelling is one callable
+rule of the rewrite engine (:class:`fxopt.NodeRule`, built by :func:`_spelling`) with its algebra,
+the source line of its table entry and its contract; it returns the rewrite or declines with the
+reason (``fxopt.explain(gm, "addcmul")`` shows them). Hits are counted per run
+(``stats["rule:<name>"]``).
 
 Contract - :func:`fxopt.testing.fma_rounding` checks it; tests/test_addcmul.py (cases,
 properties, exact-arithmetic corollaries, a CUDA test) and tests/test_fuzz_elementwise.py.
@@ -57,44 +58,18 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.fx
 from torch.fx.node import Node
 
-from ..graph_utils import mark_provenance, propagate_meta
-from ..pass_base import Pass, PassResult
-from ..registry import register_pass
+from ..rewrite import NodeRule, RewritePass, RuleSet, decline, replace_call
 
 aten = torch.ops.aten
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
-
-
-@dataclass
-class Rewrite:
-    """What a spelling found: build ``target(*args, **kwargs)`` in place of ``add``."""
-
-    target: object
-    args: tuple
-    kwargs: dict
-    replaced: list[Node]
-
-
-@dataclass
-class Spelling:
-    name: str
-    algebra: str
-    match: Callable[[Node], Optional[Rewrite]]
-    source: str = ""
-    hits: int = 0
-
-    def __post_init__(self):
-        if not self.source:
-            frame = sys._getframe(2)  # the line that constructed this entry
-            self.source = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+CONTRACT = ("fma_rounding: fp32/fp64 RN(exact) or the original's bits; fp16/bf16 RN of a float32 within one step "
+            "of RN_fp32(exact) or the original's bits (fxopt.testing.fma_rounding)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -134,28 +109,37 @@ def _alpha(node: Node):
     return node.kwargs.get("alpha", 1)
 
 
-def _same_float(out: Node, *operands: Node) -> bool:
-    """All tensor operands and the result share one floating dtype and device."""
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _float_problem(out: Node, *operands: Node) -> str | None:
+    """Why the tensor operands and the result do not share one floating dtype and device."""
     ov = _val(out)
     if not isinstance(ov, torch.Tensor) or ov.dtype not in _FLOATS:
-        return False
+        return "the result is not a floating-point tensor"
     for o in operands:
         v = _val(o)
-        if not isinstance(v, torch.Tensor) or v.dtype != ov.dtype or v.device != ov.device:
-            return False
-    return True
+        if not isinstance(v, torch.Tensor):
+            return f"{o.name} has no tensor value"
+        if v.dtype != ov.dtype or v.device != ov.device:
+            return (f"{o.name} is {_short(v.dtype)} on {v.device}, the result {_short(ov.dtype)} on {ov.device}: "
+                    "type promotion")
+    return None
 
 
-def _sole_product(add: Node, m) -> bool:
-    """``m`` is a mul node whose only use is one argument of ``add``."""
-    return (
-        isinstance(m, Node)
-        and m.op == "call_function"
-        and m.target in _MULS
-        and len(m.users) == 1
-        and sum(1 for a in add.args if a is m) == 1
-        and not m.kwargs
-    )
+def _product_problem(add: Node, m) -> str | None:
+    """Why ``m`` is not a mul node whose only use is one argument of ``add``."""
+    if not (isinstance(m, Node) and m.op == "call_function" and m.target in _MULS):
+        return f"operand {getattr(m, 'name', repr(m))} is not a mul"
+    if m.kwargs:
+        return f"the mul {m.name} has keyword arguments"
+    if sum(1 for a in add.args if a is m) != 1:
+        return f"the product {m.name} is both operands"
+    if len(m.users) != 1:
+        others = [u.name for u in m.users if u is not add][:3]
+        return f"the product {m.name} is also used by {', '.join(others)}: it would still be needed"
+    return None
 
 
 def _tensor_product(m: Node):
@@ -181,51 +165,89 @@ def _static(v) -> bool:
     return isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)
 
 
-def _is(node: Node, target) -> bool:
-    return node.op == "call_function" and node.target is target and len(node.args) == 2
+def _rewrite(node: Node, target, args: tuple, kwargs: dict, replaced: list):
+    """``target(*args, **kwargs)`` in place of ``node``. With static shapes the engine propagates
+    the new value and refuses a change of shape or dtype; with symbolic shapes the value is the
+    original's (same broadcast shape and dtype by construction)."""
+    old = _val(node)
+    static = _static(old) and all(_static(_val(a)) for a in args if isinstance(a, Node))
+    return replace_call(node, target, args, kwargs, matched=replaced, val=None if static else old)
+
+
+def _two_operands(node: Node):
+    if len(node.args) != 2:
+        return decline(f"{len(node.args)} positional arguments")
+    return None
 
 
 # --------------------------------------------------------------------------- the table
 def _add_c_mul(node: Node):
     """add(c, mul(a, b), alpha=s) -> addcmul(c, a, b, value=s);  s = ±1."""
-    if not _is(node, aten.add.Tensor):
-        return None
+    bad = _two_operands(node)
+    if bad:
+        return bad
     c, m = node.args
+    why = _product_problem(node, m)
+    if why:
+        return decline(why, kind="no product")
     alpha = _alpha(node)
-    if not (_tensor_node(c) and _sole_product(node, m) and _unit(alpha)):
-        return None
+    if not _tensor_node(c):
+        return decline(f"c ({c!r}) is not a tensor", progress=1)
+    if not _unit(alpha):
+        return decline(f"alpha={alpha!r}: only ±1 scales the product exactly", kind="alpha", progress=1)
     ab = _tensor_product(m)
-    if ab is None or not _same_float(node, c, m, *ab):
-        return None
+    if ab is None:
+        return decline(f"{m.name} has a scalar factor (another spelling)", kind="scalar", progress=1)
+    why = _float_problem(node, c, m, *ab)
+    if why:
+        return decline(why, kind="dtype", progress=2)
     kw = {} if alpha == 1 else {"value": alpha}
-    return Rewrite(aten.addcmul.default, (c, *ab), kw, [m, node])
+    return _rewrite(node, aten.addcmul.default, (c, *ab), kw, [m, node])
 
 
 def _add_mul_c(node: Node):
     """add(mul(a, b), c) -> addcmul(c, a, b)   (alpha must be 1: it would scale c)."""
-    if not _is(node, aten.add.Tensor):
-        return None
+    bad = _two_operands(node)
+    if bad:
+        return bad
     m, c = node.args
-    if _alpha(node) != 1 or not (_tensor_node(c) and _sole_product(node, m)):
-        return None
+    why = _product_problem(node, m)
+    if why:
+        return decline(why, kind="no product")
+    if _alpha(node) != 1:
+        return decline(f"alpha={_alpha(node)!r} would scale c, not the product", kind="alpha", progress=1)
+    if not _tensor_node(c):
+        return decline(f"c ({c!r}) is not a tensor", progress=1)
     ab = _tensor_product(m)
-    if ab is None or not _same_float(node, c, m, *ab):
-        return None
-    return Rewrite(aten.addcmul.default, (c, *ab), {}, [m, node])
+    if ab is None:
+        return decline(f"{m.name} has a scalar factor (another spelling)", kind="scalar", progress=1)
+    why = _float_problem(node, c, m, *ab)
+    if why:
+        return decline(why, kind="dtype", progress=2)
+    return _rewrite(node, aten.addcmul.default, (c, *ab), {}, [m, node])
 
 
 def _sub_c_mul(node: Node):
     """sub(c, mul(a, b), alpha=s) -> addcmul(c, a, b, value=-s);  s = ±1."""
-    if not _is(node, aten.sub.Tensor):
-        return None
+    bad = _two_operands(node)
+    if bad:
+        return bad
     c, m = node.args
+    why = _product_problem(node, m)
+    if why:
+        return decline(why, kind="no product")
     alpha = _alpha(node)
-    if not (_tensor_node(c) and _sole_product(node, m) and _unit(alpha)):
-        return None
+    if not _tensor_node(c):
+        return decline(f"c ({c!r}) is not a tensor", progress=1)
+    if not _unit(alpha):
+        return decline(f"alpha={alpha!r}: only ±1 scales the product exactly", kind="alpha", progress=1)
     ab = _tensor_product(m)
-    if ab is None or not _same_float(node, c, m, *ab):
-        return None
-    return Rewrite(aten.addcmul.default, (c, *ab), {"value": -alpha}, [m, node])
+    if ab is None:
+        return decline(f"{m.name} has a scalar factor (another spelling)", kind="scalar", progress=1)
+    why = _float_problem(node, c, m, *ab)
+    if why:
+        return decline(why, kind="dtype", progress=2)
+    return _rewrite(node, aten.addcmul.default, (c, *ab), {"value": -alpha}, [m, node])
 
 
 def _scaled(op, product_first: bool, sign: int):
@@ -234,84 +256,58 @@ def _scaled(op, product_first: bool, sign: int):
     commutative and negation is exact."""
 
     def match(node: Node):
-        if not _is(node, op) or _alpha(node) != 1:
-            return None
+        bad = _two_operands(node)
+        if bad:
+            return bad
         m, c = node.args if product_first else node.args[::-1]
-        if not (_tensor_node(c) and _sole_product(node, m)):
-            return None
+        why = _product_problem(node, m)
+        if why:
+            return decline(why, kind="no product")
+        if _alpha(node) != 1:
+            return decline(f"alpha={_alpha(node)!r}", kind="alpha", progress=1)
+        if not _tensor_node(c):
+            return decline(f"c ({c!r}) is not a tensor", progress=1)
         a_s = _scalar_product(m)
-        if a_s is None or not _same_float(node, c, m, a_s[0]) or not _scalar_fits(a_s[1], _val(node).dtype):
-            return None
-        return Rewrite(aten.add.Tensor, (c, a_s[0]), {"alpha": sign * a_s[1]}, [m, node])
+        if a_s is None:
+            return decline(f"{m.name} multiplies two tensors (another spelling)", kind="tensor product", progress=1)
+        why = _float_problem(node, c, m, a_s[0])
+        if why:
+            return decline(why, kind="dtype", progress=2)
+        if not _scalar_fits(a_s[1], _val(node).dtype):
+            return decline(f"the scalar {a_s[1]!r} is not exact in {_val(node).dtype} (ATen's add would round alpha)",
+                           kind="scalar", progress=2)
+        return _rewrite(node, aten.add.Tensor, (c, a_s[0]), {"alpha": sign * a_s[1]}, [m, node])
 
     operands = "mul(a, s), c" if product_first else "c, mul(a, s)"
     match.__doc__ = f"{op._schema.name.split('::')[-1]}({operands}) -> add(c, a, alpha={'-' if sign < 0 else ''}s)"
     return match
 
 
+def _spelling(name: str, algebra: str, fn, anchor) -> NodeRule:
+    """One table entry: a callable rule anchored at ``anchor``, its source the entry's line."""
+    frame = sys._getframe(1)
+    return NodeRule(name, fn, anchors=[anchor], contract=CONTRACT, reach=1, description=f"{algebra}\n{fn.__doc__}",
+                    source=f"{frame.f_code.co_filename}:{frame.f_lineno}")
+
+
 # Order matters only when both add operands are products (e.g. rotary q*cos + rot(q)*sin):
 # the first entry folds the right-hand product.
-ADDCMUL_RULES: list[Spelling] = [
-    Spelling("add(c,mul(a,b))", "c + s*(a*b) == addcmul(c, a, b, value=s)", _add_c_mul),
-    Spelling("add(mul(a,b),c)", "(a*b) + c == addcmul(c, a, b)", _add_mul_c),
-    Spelling("sub(c,mul(a,b))", "c - s*(a*b) == addcmul(c, a, b, value=-s)", _sub_c_mul),
-    Spelling("add(c,mul(a,s))", "c + a*s == add(c, a, alpha=s)", _scaled(aten.add.Tensor, False, 1)),
-    Spelling("add(mul(a,s),c)", "a*s + c == add(c, a, alpha=s)", _scaled(aten.add.Tensor, True, 1)),
-    Spelling("sub(c,mul(a,s))", "c - a*s == add(c, a, alpha=-s)", _scaled(aten.sub.Tensor, False, -1)),
-]
+ADDCMUL_RULES = RuleSet([
+    _spelling("add(c,mul(a,b))", "c + s*(a*b) == addcmul(c, a, b, value=s)", _add_c_mul, aten.add.Tensor),
+    _spelling("add(mul(a,b),c)", "(a*b) + c == addcmul(c, a, b)", _add_mul_c, aten.add.Tensor),
+    _spelling("sub(c,mul(a,b))", "c - s*(a*b) == addcmul(c, a, b, value=-s)", _sub_c_mul, aten.sub.Tensor),
+    _spelling("add(c,mul(a,s))", "c + a*s == add(c, a, alpha=s)", _scaled(aten.add.Tensor, False, 1), aten.add.Tensor),
+    _spelling("add(mul(a,s),c)", "a*s + c == add(c, a, alpha=s)", _scaled(aten.add.Tensor, True, 1), aten.add.Tensor),
+    _spelling("sub(c,mul(a,s))", "c - a*s == add(c, a, alpha=-s)", _scaled(aten.sub.Tensor, False, -1), aten.sub.Tensor),
+], name="addcmul")
 # Not rewritten on purpose (negative entries, tested): sub(mul(a,b), c) would need neg(c);
 # add(mul(a,b), c, alpha=s) scales c, not the product; a non-power-of-two alpha on a
 # tensor product (value*a would round); mixed or integer dtypes (type promotion).
 
 
-class AddcmulPass(Pass):
+class AddcmulPass(RewritePass):
     """mul + add -> addcmul (or add with alpha for a scalar factor)."""
 
-    name = "addcmul"
-
-    def __init__(self, rules: list[Spelling] | None = None):
-        self.rules = rules if rules is not None else ADDCMUL_RULES
-
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        graph = graph_module.graph
-        stats: dict[str, int] = {"matches": 0}
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
-                continue
-            if node.graph is None:  # erased earlier in this walk
-                continue
-            for rule in self.rules:
-                rw = rule.match(node)
-                if rw is None:
-                    continue
-                old_val = _val(node)
-                with graph.inserting_before(node):
-                    new = graph.call_function(rw.target, rw.args, rw.kwargs)
-                if _static(old_val) and all(_static(_val(a)) for a in rw.args if isinstance(a, Node)):
-                    propagate_meta(graph_module, [new])
-                    nv = _val(new)
-                    if (
-                        not isinstance(nv, torch.Tensor)
-                        or nv.dtype != old_val.dtype
-                        or tuple(nv.shape) != tuple(old_val.shape)
-                    ):
-                        graph.erase_node(new)  # never change shape or dtype
-                        continue
-                else:  # symbolic shapes: same broadcast shape and dtype by construction
-                    new.meta["val"] = old_val
-                mark_provenance([new], rule=f"addcmul.{rule.name}", pass_name=self.name,
-                                replaced=rw.replaced, source=rule.source)
-                node.replace_all_uses_with(new)
-                for old in reversed(rw.replaced):
-                    graph.erase_node(old)
-                rule.hits += 1
-                stats["matches"] += 1
-                stats[f"rule:{rule.name}"] = stats.get(f"rule:{rule.name}", 0) + 1
-                break
-        if stats["matches"]:
-            graph.lint()
-            graph_module.recompile()
-        return PassResult(graph_module, stats["matches"] > 0, stats)
-
-
-register_pass("addcmul", AddcmulPass)
+    def __init__(self, rules=None):
+        # one walk per run: the pass manager's rounds re-run it after the graph changed
+        super().__init__("addcmul", list(rules) if rules is not None else ADDCMUL_RULES, max_iterations=1)

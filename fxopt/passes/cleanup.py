@@ -24,11 +24,10 @@ casts) and 97 more (per layer, two view pairs that cancel: 945 -> 848 calls afte
 from __future__ import annotations
 
 import torch
-import torch.fx
 from torch.fx.node import Node
 
-from ..pass_base import Pass, PassResult
-from ..registry import register_pass
+from ..rewrite import NodeRule, Phase, RewritePass, RuleSet, decline, erase, replace
+from ..testing.contracts import bitwise
 
 aten = torch.ops.aten
 _ASSERT = getattr(aten, "_assert_tensor_metadata", None)
@@ -40,25 +39,34 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, Node) else None
 
 
-# rule: assert_metadata(x) -> (nothing)    when x is computed by the graph (its metadata is the trace's)
-def _assert_on_computed_value(node: Node) -> bool:
-    if _ASSERT is None or node.op != "call_function" or node.target is not _ASSERT or node.users:
-        return False
+def _assert_on_computed_value(node: Node):
+    """assert_metadata(x) -> (nothing)    when x is computed by the graph (its metadata is the trace's)"""
+    if node.users:
+        return decline("its result is used")
     x = node.args[0] if node.args else node.kwargs.get("a")
-    return isinstance(x, Node) and x.op != "placeholder"
+    if not isinstance(x, Node):
+        return decline("it checks a literal, not a graph value")
+    if x.op == "placeholder":
+        return decline(f"it checks the graph input {x.name}: the caller may pass anything", kind="graph input")
+    return erase(node)
 
 
-# rule: to.dtype(x, dtype) -> x            when x.dtype == dtype, no copy, no memory format (ATen returns x)
-def _to_same_dtype(node: Node) -> bool:
-    if node.op != "call_function" or node.target is not aten.to.dtype:
-        return False
+def _to_same_dtype(node: Node):
+    """to.dtype(x, dtype) -> x            when x.dtype == dtype, no copy, no memory format (ATen returns x)"""
     names = ("self", "dtype", "non_blocking", "copy", "memory_format")
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     x, v = bound.get("self"), _val(bound.get("self"))
-    if not isinstance(x, Node) or not isinstance(v, torch.Tensor) or v.dtype != bound.get("dtype"):
-        return False
-    return not bound.get("copy", False) and bound.get("memory_format") in _PRESERVE
+    if not isinstance(x, Node) or not isinstance(v, torch.Tensor):
+        return decline("its input has no fake tensor value")
+    if v.dtype != bound.get("dtype"):
+        return decline(f"a real cast: {x.name} is {_short(v.dtype)}, the result {_short(bound.get('dtype'))}",
+                       kind="dtype")
+    if bound.get("copy", False):
+        return decline("copy=True: the result is a new tensor", kind="copy")
+    if bound.get("memory_format") not in _PRESERVE:
+        return decline(f"memory_format={bound.get('memory_format')} may change the layout", kind="layout")
+    return replace(node, x)
 
 
 # ops whose result is always a view of their first argument (never a copy, no side effect)
@@ -100,53 +108,50 @@ def _identical_ancestor(node: Node):
     return found
 
 
-# rule: view_k(...view_1(x)) -> x          when the result has x's shape, strides, offset and dtype
-def _identity_view(node: Node) -> bool:
-    return _is_view(node) and _identical_ancestor(node) is not None
+def _identity_view(node: Node):
+    """view_k(...view_1(x)) -> x          when the result has x's shape, strides, offset and dtype"""
+    if _layout(node) is None:
+        return decline("its layout is unknown or symbolic")
+    ancestor = _identical_ancestor(node)
+    if ancestor is None:
+        return decline("no tensor up its chain of views has its shape, strides, offset and dtype", kind="layout")
+    return replace(node, ancestor)
 
 
-# rule: view(x) -> (nothing)               when nothing uses it (left behind by identity_view)
-def _dead_view(node: Node) -> bool:
-    return _is_view(node) and not node.users
+def _dead_view(node: Node):
+    """view(x) -> (nothing)               when nothing uses it (left behind by identity_view)"""
+    if node.users:
+        return decline(f"still used by {next(iter(node.users)).name}", kind="users")
+    return erase(node)
 
 
-# (name, predicate, source location): the rule set, in the order they are tried
-RULES = tuple((fn.__name__.lstrip("_"), fn, f"{__file__}:{fn.__code__.co_firstlineno}")
-              for fn in (_assert_on_computed_value, _to_same_dtype, _identity_view, _dead_view))
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-class CleanupPass(Pass):
+def _rule(fn, anchors) -> NodeRule:
+    return NodeRule(fn.__name__.lstrip("_"), fn, anchors=anchors, contract=bitwise, reach=0,
+                    source=f"{__file__}:{fn.__code__.co_firstlineno}")
+
+
+ASSERT_ON_COMPUTED_VALUE = _rule(_assert_on_computed_value, [_ASSERT] if _ASSERT is not None else [])
+TO_SAME_DTYPE = _rule(_to_same_dtype, [aten.to.dtype])
+IDENTITY_VIEW = _rule(_identity_view, _PURE_VIEWS)
+DEAD_VIEW = _rule(_dead_view, _PURE_VIEWS)
+# the rule set, in the order it runs: one forward walk with the first three, then one walk from
+# the end dropping views left without users (backwards, so a whole dead chain goes in one walk)
+RULES = RuleSet([ASSERT_ON_COMPUTED_VALUE, TO_SAME_DTYPE, IDENTITY_VIEW, DEAD_VIEW], name="cleanup")
+
+
+class CleanupPass(RewritePass):
     """Drop no-op calls: checks on computed values, identity casts, view chains that undo themselves.
 
     Bitwise; see the module docstring."""
 
-    name = "cleanup"
     fixpoint = False  # two walks remove every instance; nothing they do creates another
 
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        hits = {name: 0 for name, _, _ in RULES}
-        forward = [(n, f) for n, f, _ in RULES if n != "dead_view"]
-        for node in list(graph_module.graph.nodes):
-            for name, applies in forward:
-                if applies(node):
-                    if name == "to_same_dtype":
-                        node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["self"])
-                    elif name == "identity_view":
-                        node.replace_all_uses_with(_identical_ancestor(node))
-                    graph_module.graph.erase_node(node)
-                    hits[name] += 1
-                    break
-        # backwards, so that a chain of views left without users goes in one walk
-        for node in reversed(list(graph_module.graph.nodes)):
-            if _dead_view(node):
-                graph_module.graph.erase_node(node)
-                hits["dead_view"] += 1
-        total = sum(hits.values())
-        if total:
-            graph_module.graph.lint()
-            graph_module.recompile()
-        stats = {"matches": total, **{f"rule:{k}": v for k, v in hits.items()}}
-        return PassResult(graph_module, bool(total), stats)
-
-
-register_pass("cleanup", CleanupPass)
+    def __init__(self):
+        super().__init__("cleanup", phases=[
+            Phase(RuleSet([ASSERT_ON_COMPUTED_VALUE, TO_SAME_DTYPE, IDENTITY_VIEW]), "forward", max_sweeps=1),
+            Phase(RuleSet([DEAD_VIEW]), "reverse", max_sweeps=1),
+        ], fixpoint=False)

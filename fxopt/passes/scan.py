@@ -20,10 +20,13 @@ discretisation (``a = exp(delta (x) A)``, ``b = delta (x) B (x) u``) it becomes
 It does not fire when a step deviates (a nonlinearity inside, a skipped/reordered index, a
 different source tensor for some ``a_t``), or when an intermediate state or readout is used
 outside the loop. Every rejected candidate is recorded with its reason: see
-:func:`explain_scan` and ``ScanPass.last_rejections``.
+``fxopt.explain(gm, "scan")``, :func:`explain_scan` and ``ScanPass.last_rejections``.
 
-Linear time: one walk over the graph finds the step nodes; chains are followed from their
-first step; nodes are erased in bulk and the graph is recompiled once.
+In the rewrite engine the recogniser is one callable rule, :data:`SCAN_RULE`, tried at every
+add/addcmul: one walk over the graph (once per sweep, ``ctx.memo``) finds the chains of steps;
+at a chain's first step the rule checks the chain, its readout and prologue
+(:func:`_recognise`: every check that can refuse the rewrite) and proposes the op
+(:func:`_emit`); the driver splices it in and erases the loop (in bulk: linear time).
 """
 from __future__ import annotations
 
@@ -36,11 +39,10 @@ import torch.fx
 from torch.fx import Node
 
 from ..codegen import register_source_provider
-from ..graph_utils import mark_provenance, propagate_meta
 from ..ops import scan as scan_ops  # noqa: F401  (registers the custom ops)
-from ..pass_base import Pass, PassResult
-from ..registry import register_pass
-from .scan_expr import Expr, NotTracked, clear_cache, dtype_of, shape_of, strip_casts, track
+from ..rewrite import Declined, Divergence, NodeRule, RewritePass, decline, emit
+from ..testing.contracts import fp64_relative
+from .scan_expr import Expr, NotTracked, dtype_of, shape_cache, shape_of, strip_casts, track
 
 aten = torch.ops.aten
 SELECTIVE_SCAN = torch.ops.fxopt.selective_scan.default
@@ -174,11 +176,14 @@ def _step_candidates(node: Node):
 
 
 class _Graph:
-    """Per-run facts about the graph, computed once (linear)."""
+    """The graph and its node order (valid while the engine inserts nodes)."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, position=None):
         self.gm = gm
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        if position is None:
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            position = order.__getitem__
+        self.position = position
 
 
 def _find_chains(g: _Graph, rejections: list) -> list:
@@ -484,18 +489,13 @@ def _expr_signature(e: Expr, h: Node, c: Node):
 # rewriting
 # ----------------------------------------------------------------------------------------------
 class _Builder:
-    def __init__(self, gm, before: Node):
-        self.gm = gm
-        self.g = gm.graph
-        self.before = before
-        self.new: list = []
+    """The engine's Builder plus the scan's view helper."""
+
+    def __init__(self, b):
+        self.b = b
 
     def call(self, target, *args, **kwargs) -> Node:
-        with self.g.inserting_before(self.before):
-            n = self.g.call_function(target, args, kwargs)
-        self.new.append(n)
-        propagate_meta(self.gm, [n])
-        return n
+        return self.b.call(target, *args, **kwargs)
 
     def view_to(self, leaf: Node, slots: tuple, target_slots: list, sizes: dict) -> Node:
         """A view of ``leaf`` (whose dims carry ``slots``; None = size-1 broadcast dim) with dims
@@ -617,267 +617,314 @@ def _pos_view(b: _Builder, f: tuple, target_pos: list) -> Node:
     return b.view_to(node, pos, tp, {})
 
 
-class ScanPass(Pass):
-    """Re-roll unrolled linear recurrences into ``fxopt::selective_scan`` / ``fxopt::linear_scan``."""
+@dataclass
+class _Plan:
+    """Everything :func:`_recognise` decided about one loop; :func:`_emit` only builds it."""
 
-    name = "scan"
-    fixpoint = False
+    ch: _Chain
+    ro: _Readout
+    anchor: Node
+    h0: Optional[Node]
+    state_dtype: object
+    last_ext: list
+    hsl: Optional[list] = None
+    k_pos: Optional[int] = None
+    e0: Optional[Expr] = None
+    sel: Optional["_Selective"] = None
+    epilogue: Optional["_Epilogue"] = None
+
+    @property
+    def op(self) -> str:
+        return "selective_scan" if self.sel is not None else "linear_scan"
+
+    @property
+    def folded(self) -> list:
+        return self.epilogue.folded if self.epilogue is not None else []
+
+
+def _recognise(g: _Graph, ch: _Chain, fold_selective: bool) -> _Plan:
+    """Every check that can refuse re-rolling ``ch`` (raises NotTracked with the reason)."""
+    L = len(ch.steps)
+    a_shape, b_shape = shape_of(ch.a_base), shape_of(ch.b_base)
+    if a_shape is None or b_shape is None:
+        raise NotTracked("dynamic shapes")
+    if a_shape[ch.a_axis] != L or b_shape[ch.b_axis] != L:
+        raise NotTracked(f"the loop runs {L} steps over an axis of length {a_shape[ch.a_axis]}")
+    # h0 must be defined before the loop (it is: it is an input of step 0); it must not be a
+    # state of the same chain.
+    h_last = ch.steps[-1]
+    S = list(shape_of(h_last))
+    state_dtype = dtype_of(h_last)
+    for i, st in enumerate(ch.steps):
+        if list(shape_of(st)) != S or dtype_of(st) != state_dtype:
+            raise NotTracked(f"step {i} changes the state's shape or dtype")
+    if dtype_of(h_last) not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise NotTracked("the state is not floating point")
+    ro = _analyse_readout(ch, g)
+
+    # final-state users outside the loop (allowed: the op returns h_last)
+    readout_nodes = set()
+    for reg in ro.regions:
+        readout_nodes.update(reg)
+    last_ext = [u for u in _users(h_last) if u not in readout_nodes and u is not ro.stack]
+
+    # where to insert: before the node that consumes the loop's results
+    if ro.mode == "final":
+        anchor = min(last_ext, key=g.position) if last_ext else None
+        if anchor is None:
+            raise NotTracked("the loop's results are unused")
+    else:
+        anchor = ro.stack
+        if last_ext and min(g.position(n) for n in last_ext) < g.position(ro.stack):
+            anchor = min(last_ext, key=g.position)
+    h0 = None if _is_zeros(ch.h0) else ch.h0
+    if h0 is not None and shape_of(h0) is None:
+        raise NotTracked("h0 has no static shape")
+    plan = _Plan(ch, ro, anchor, h0, state_dtype, last_ext)
+    if ro.mode == "ys":
+        e0: Expr = ro.exprs[0]
+        hsl = [sl for n, sl in e0.factors if n is ch.steps[0]][0]
+        csl_node = [n for n, sl in e0.factors if n is not ch.steps[0]][0]
+        csl = [sl for n, sl in e0.factors if n is csl_node][0]
+        contracted = [s for s in e0.contracted()]
+        if len(contracted) != 1 or contracted[0] not in hsl or hsl.count(contracted[0]) != 1:
+            raise NotTracked("the readout must contract exactly one state dimension with C_t")
+        k = contracted[0]
+        if any(s is not None and s not in hsl for s in csl):
+            raise NotTracked("C_t has a dimension the state does not have")
+        if any(s is None for s in hsl):
+            raise NotTracked("the readout broadcasts the state")
+        for s in e0.out:
+            if s not in hsl and e0.size[s] != 1:
+                raise NotTracked("the readout output has a dimension the state does not have")
+        plan.hsl, plan.k_pos, plan.e0 = hsl, hsl.index(k), e0
+        sel = _selective_form(ch, list(hsl), plan.k_pos) if fold_selective else None
+        if sel is not None:
+            plan.sel = sel
+            plan.epilogue = _selective_epilogue(plan)
+    return plan
+
+
+def _emit(b, plan: _Plan) -> list:
+    """Build the op for ``plan``: [the loop's output (stack or folded epilogue), the final state]
+    (the output is left out when only the final state is used)."""
+    bb = _Builder(b)
+    try:
+        if plan.sel is not None:
+            out_node, hl_node = _emit_selective(bb, plan)
+        else:
+            out_node, hl_node = _emit_linear(bb, plan)
+    except NotTracked as exc:
+        raise Declined(Divergence("structure", str(exc)), progress=len(plan.ch.steps)) from None
+    return [hl_node] if plan.ro.mode == "final" else [out_node, hl_node]
+
+
+def _scan_rule(node: Node, ctx, fold_selective: bool = True):
+    """A chain of steps h_t = a_t * h_{t-1} + b_t starting here -> one selective/linear scan op."""
+    with shape_cache(ctx.cache("scan.shapes")):
+        g = _Graph(ctx.graph_module, ctx.position)
+        chains = ctx.memo("scan.chains", lambda: {ch.steps[0]: ch for ch in _find_chains(g, [])})
+        ch = chains.get(node)
+        if ch is None:
+            return None  # not the first step of a recurrence
+        steps = len(ch.steps)
+        if ch.broken:
+            return decline(ch.broken, kind="chain", progress=steps)
+        try:
+            plan = _recognise(g, ch, fold_selective)
+        except NotTracked as exc:
+            return decline(str(exc), kind="structure", progress=steps)
+    ro = plan.ro
+    outputs = [ch.steps[-1]] if ro.mode == "final" else [(plan.folded[-1] if plan.folded else ro.stack), ch.steps[-1]]
+    # everything of the loop (the erase candidates; a still-used slice stays)
+    matched = list(plan.folded[::-1]) + ([ro.stack] if ro.stack is not None else [])
+    for i in range(steps - 1, -1, -1):
+        if ro.regions:
+            matched.extend(ro.regions[i])
+        matched.extend(ch.alias.get(i, ()))
+        matched.append(ch.steps[i])
+        if ch.muls[i] is not None:
+            matched.append(ch.muls[i])
+        matched.append(ch.a_sl[i])
+        matched.append(ch.b_sl[i])
+    cache = ctx.cache("scan.shapes")
+
+    def build(b):
+        with shape_cache(cache):
+            return _emit(b, plan)
+
+    info = dict(op=plan.op, steps=steps, first=ch.steps[0].name, mode=ro.mode, folded=[n.name for n in plan.folded])
+    return emit(outputs, build, matched=matched, before=plan.anchor, label=plan.op, info=info,
+                sources=list(ch.steps) + ([ro.stack] if ro.stack is not None else []) + plan.folded,
+                only_users={ch.steps[-1]: plan.last_ext}, erase_unused_inputs=True)
+
+
+def _make_rule(fold_selective: bool) -> NodeRule:
+    return NodeRule("scan", lambda node, ctx: _scan_rule(node, ctx, fold_selective),
+                    anchors=[aten.add.Tensor, aten.addcmul.default], contract=fp64_relative(2.0),
+                    labels=("selective_scan", "linear_scan"), keep_declines=True, progress_unit="steps",
+                    description=_scan_rule.__doc__, source=f"{__file__}:{_scan_rule.__code__.co_firstlineno}")
+
+
+SCAN_RULE = _make_rule(True)
+
+
+class ScanPass(RewritePass):
+    """Re-roll unrolled linear recurrences into ``fxopt::selective_scan`` / ``fxopt::linear_scan``.
+
+    ``last_rejections`` / ``last_matches``: what the last call on this object declined (with
+    reasons) and re-rolled."""
 
     def __init__(self, fold_selective: bool = True):
         self.fold_selective = fold_selective
+        super().__init__("scan", [SCAN_RULE if fold_selective else _make_rule(False)], max_iterations=1,
+                         fixpoint=False)
         self.last_rejections: list[Rejection] = []
         self.last_matches: list[dict] = []
 
-    def explain(self, gm: torch.fx.GraphModule, top: int = 5) -> ScanExplanation:
-        """Why candidates in ``gm`` would not be re-rolled (read-only)."""
-        return ScanExplanation(explain_scan(gm), top)
+    def call(self, gm: torch.fx.GraphModule):
+        result = super().call(gm)
+        self.last_rejections = [Rejection(d.anchor, d.divergence.message, d.progress) for d in result.declines]
+        self.last_matches = [r.info for r in result.rewrites]
+        return result
 
-    def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        self.last_rejections = []
-        self.last_matches = []
-        clear_cache()
-        g = _Graph(gm)
-        chains = _find_chains(g, self.last_rejections)
-        to_erase: list = []
-        stats = {"matches": 0, "rule:selective_scan": 0, "rule:linear_scan": 0}
-        for ch in chains:
-            where = ch.steps[0].name
-            if ch.broken:
-                self.last_rejections.append(Rejection(where, ch.broken, len(ch.steps)))
-                continue
-            try:
-                info = self._rewrite(gm, g, ch, to_erase)
-            except NotTracked as exc:
-                self.last_rejections.append(Rejection(where, str(exc), len(ch.steps)))
-                continue
-            stats["matches"] += 1
-            stats["rule:" + info["op"]] += 1
-            self.last_matches.append(info)
-        if stats["matches"]:
-            _erase_dead(gm, to_erase)
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(stats["matches"]), stats)
+@dataclass
+class _Epilogue:
+    """What the selective op folds in after the loop: ``+ u * D`` and the gate."""
 
-    # ------------------------------------------------------------------------------------------
-    def _rewrite(self, gm, g: _Graph, ch: _Chain, to_erase: list) -> dict:
-        L = len(ch.steps)
-        a_shape, b_shape = shape_of(ch.a_base), shape_of(ch.b_base)
-        if a_shape is None or b_shape is None:
-            raise NotTracked("dynamic shapes")
-        if a_shape[ch.a_axis] != L or b_shape[ch.b_axis] != L:
-            raise NotTracked(f"the loop runs {L} steps over an axis of length {a_shape[ch.a_axis]}")
-        # h0 must be defined before the loop (it is: it is an input of step 0); it must not be a
-        # state of the same chain.
-        h_last = ch.steps[-1]
-        S = list(shape_of(h_last))
-        state_dtype = dtype_of(h_last)
-        for i, st in enumerate(ch.steps):
-            if list(shape_of(st)) != S or dtype_of(st) != state_dtype:
-                raise NotTracked(f"step {i} changes the state's shape or dtype")
-        if dtype_of(h_last) not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise NotTracked("the state is not floating point")
-        ro = _analyse_readout(ch, g)
+    folded: list  # the epilogue nodes folded into the op, in order
+    D: Optional[tuple]
+    z: Optional[Node]
+    out: Node  # the last node the op replaces (the stack, or the last folded node)
+    out_pos: list  # its dims as base positions
+    st_pos: list  # state dims as base positions
+    slot_pos: dict  # readout slot -> base position
 
-        # final-state users outside the loop (allowed: the op returns h_last)
-        readout_nodes = set()
-        for reg in ro.regions:
-            readout_nodes.update(reg)
-        last_ext = [u for u in _users(h_last) if u not in readout_nodes and u is not ro.stack]
 
-        # where to insert: before the node that consumes the loop's results
-        if ro.mode == "final":
-            anchor = min(last_ext, key=lambda n: g.order[n]) if last_ext else None
-            if anchor is None:
-                raise NotTracked("the loop's results are unused")
-        else:
-            anchor = ro.stack
-            if last_ext and min(g.order[n] for n in last_ext) < g.order[ro.stack]:
-                anchor = min(last_ext, key=lambda n: g.order[n])
-        h0 = None if _is_zeros(ch.h0) else ch.h0
-        if h0 is not None and shape_of(h0) is None:
-            raise NotTracked("h0 has no static shape")
+def _selective_epilogue(plan: _Plan) -> _Epilogue:
+    ch, ro, sel, hsl, e0 = plan.ch, plan.ro, plan.sel, plan.hsl, plan.e0
+    t = sel.pos_t
+    # state slot -> base position
+    st_pos = [p if p < t else p + 1 for p in range(len(hsl))]
+    slot_pos = {hsl[i]: st_pos[i] for i in range(len(hsl))}
+    # stack dims -> base positions: y_t out slots + time at stack_dim
+    ypos = [slot_pos.get(s) for s in e0.out]
+    ypos.insert(ro.stack_dim, t)
+    folded = []
+    Dn = None
+    z = None
+    cur = ro.stack
+    if len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if nxt.op == "call_function" and nxt.target == aten.add.Tensor and nxt.kwargs.get("alpha", 1) == 1 and shape_of(nxt) == shape_of(cur):
+            other = nxt.args[1] if nxt.args[0] is cur else nxt.args[0]
+            Dn = _match_D(other, cur, ypos, sel)
+            if Dn is not None:
+                folded.append(nxt)
+                cur = nxt
+    if Dn is not None and len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if nxt.op == "call_function" and nxt.target == aten.mul.Tensor and shape_of(nxt) == shape_of(cur):
+            other = nxt.args[1] if nxt.args[0] is cur else nxt.args[0]
+            zz = _match_gate(other, cur)
+            if zz is not None:
+                folded.append(nxt)
+                cur = nxt
+                z = zz
+    return _Epilogue(folded, Dn, z, cur, ypos, st_pos, slot_pos)
 
-        if ro.mode == "ys":
-            e0: Expr = ro.exprs[0]
-            hsl = [sl for n, sl in e0.factors if n is ch.steps[0]][0]
-            csl_node = [n for n, sl in e0.factors if n is not ch.steps[0]][0]
-            csl = [sl for n, sl in e0.factors if n is csl_node][0]
-            contracted = [s for s in e0.contracted()]
-            if len(contracted) != 1 or contracted[0] not in hsl or hsl.count(contracted[0]) != 1:
-                raise NotTracked("the readout must contract exactly one state dimension with C_t")
-            k = contracted[0]
-            if any(s is not None and s not in hsl for s in csl):
-                raise NotTracked("C_t has a dimension the state does not have")
-            if any(s is None for s in hsl):
-                raise NotTracked("the readout broadcasts the state")
-            for s in e0.out:
-                if s not in hsl and e0.size[s] != 1:
-                    raise NotTracked("the readout output has a dimension the state does not have")
-            k_pos = hsl.index(k)
-            sel = _selective_form(ch, list(hsl), k_pos) if self.fold_selective else None
-        else:
-            sel = None
-            hsl = k_pos = e0 = None
 
-        b = _Builder(gm, anchor)
-        if sel is not None and (h0 is None or shape_of(h0) is not None):
-            out_node, hl_node, folded, opname = self._emit_selective(b, ch, ro, sel, h0, hsl, k_pos, e0, state_dtype)
-        else:
-            out_node, hl_node, folded, opname = self._emit_linear(b, ch, ro, h0, hsl, k_pos, e0, state_dtype)
+def _emit_linear(b: _Builder, plan: _Plan):
+    ch, ro, h0, hsl, k_pos, e0, state_dtype = plan.ch, plan.ro, plan.h0, plan.hsl, plan.k_pos, plan.e0, plan.state_dtype
+    S = list(shape_of(ch.steps[-1]))
+    r = len(S)
+    perm = list(range(r))
+    if ro.mode == "ys":
+        perm = [i for i in range(r) if i != k_pos] + [k_pos]
 
-        # rewire
-        if ro.mode != "final":
-            folded_last = folded[-1] if folded else ro.stack
-            folded_last.replace_all_uses_with(out_node)
-        if last_ext:
-            for u in last_ext:
-                u.replace_input_with(h_last, hl_node)
-        replaced = list(ch.steps) + ([ro.stack] if ro.stack is not None else []) + folded
-        mark_provenance(b.new, rule=opname, pass_name=self.name, replaced=replaced)
-        # everything of the loop is now dead (or a still-used slice): erase in bulk later
-        to_erase.extend(folded[::-1])
-        if ro.stack is not None:
-            to_erase.append(ro.stack)
-        for i in range(L - 1, -1, -1):
-            if ro.regions:
-                to_erase.extend(ro.regions[i])
-            to_erase.extend(ch.alias.get(i, ()))
-            to_erase.append(ch.steps[i])
-            if ch.muls[i] is not None:
-                to_erase.append(ch.muls[i])
-            to_erase.append(ch.a_sl[i])
-            to_erase.append(ch.b_sl[i])
-        return dict(op=opname, steps=L, first=ch.steps[0].name, mode=ro.mode, folded=[n.name for n in folded])
-
-    # ------------------------------------------------------------------------------------------
-    def _emit_linear(self, b: _Builder, ch, ro, h0, hsl, k_pos, e0, state_dtype):
-        S = list(shape_of(ch.steps[-1]))
-        r = len(S)
-        perm = list(range(r))
-        if ro.mode == "ys":
-            perm = [i for i in range(r) if i != k_pos] + [k_pos]
-
-        def canon(base, axis):
-            x = _time_first_view(b, base, axis)
-            shp = shape_of(x)
-            for _ in range(r + 1 - len(shp)):
-                x = b.call(aten.unsqueeze.default, x, 1)
-            if perm != list(range(r)):
-                x = b.call(aten.permute.default, x, [0] + [p + 1 for p in perm])
-            return x
-
-        a = canon(ch.a_base, ch.a_axis)
-        bb = canon(ch.b_base, ch.b_axis)
-        h0c = None
-        if h0 is not None:
-            x = h0
-            for _ in range(r - len(shape_of(h0))):
-                x = b.call(aten.unsqueeze.default, x, 0)
-            if perm != list(range(r)):
-                x = b.call(aten.permute.default, x, perm)
-            h0c = x
-        C = None
-        out_dtype = state_dtype
-        if ro.mode == "ys":
-            csl_node = [n for n, sl in e0.factors if n is not ch.steps[0]][0]
-            csl = [sl for n, sl in e0.factors if n is csl_node][0]
-            # C_t dims -> state slots in canonical order; C base dims = C_t dims with time inserted
-            target = [hsl[p] for p in perm]
-            cbase = _time_first_view(b, ro.c_base, ro.c_axis)
-            C = b.view_to(cbase, (("T",) + tuple(csl)), ["T"] + target, {})
-            out_dtype = dtype_of(ro.stack)
-        elif ro.mode == "states":
-            out_dtype = dtype_of(ro.stack)
-        op = b.call(LINEAR_SCAN, a, bb, h0c, C, out_dtype, state_dtype)
-        y = b.call(operator.getitem, op, 0)
-        hl = b.call(operator.getitem, op, 1)
-        inv = [perm.index(i) for i in range(r)]
+    def canon(base, axis):
+        x = _time_first_view(b, base, axis)
+        shp = shape_of(x)
+        for _ in range(r + 1 - len(shp)):
+            x = b.call(aten.unsqueeze.default, x, 1)
         if perm != list(range(r)):
-            hl = b.call(aten.permute.default, hl, inv)
-        out = None
-        if ro.mode == "ys":
-            # y: (L, state dims without k in perm order) -> y_t's out order, then stack dim
-            rem = [hsl[p] for p in perm[:-1]]
-            yo = list(e0.out)
-            yt = b.view_to(y, ("T",) + tuple(rem), ["T"] + [s if s in rem else ("one", i) for i, s in enumerate(yo)], {})
-            out = yt if ro.stack_dim == 0 else b.call(aten.movedim.int, yt, 0, ro.stack_dim)
-        elif ro.mode == "states":
-            yy = y
-            if perm != list(range(r)):
-                yy = b.call(aten.permute.default, y, [0] + [p + 1 for p in inv])
-            out = yy if ro.stack_dim == 0 else b.call(aten.movedim.int, yy, 0, ro.stack_dim)
-        return out, hl, [], "linear_scan"
+            x = b.call(aten.permute.default, x, [0] + [p + 1 for p in perm])
+        return x
 
-    # ------------------------------------------------------------------------------------------
-    def _emit_selective(self, b: _Builder, ch, ro, sel: _Selective, h0, hsl, k_pos, e0, state_dtype):
-        t = sel.pos_t
-        tb = [sel.pos_batch, sel.pos_d, t]
-        u = _pos_view(b, sel.u, tb)
-        delta = _pos_view(b, sel.delta, tb)
-        A = _pos_view(b, sel.A, [sel.pos_d, sel.pos_n])
-        Bm = _pos_view(b, sel.B, [sel.pos_batch, sel.pos_n, t])
-        # C: the C base's dims: C_t slots (as in the readout) with time at c_axis.
+    a = canon(ch.a_base, ch.a_axis)
+    bb = canon(ch.b_base, ch.b_axis)
+    h0c = None
+    if h0 is not None:
+        x = h0
+        for _ in range(r - len(shape_of(h0))):
+            x = b.call(aten.unsqueeze.default, x, 0)
+        if perm != list(range(r)):
+            x = b.call(aten.permute.default, x, perm)
+        h0c = x
+    C = None
+    out_dtype = state_dtype
+    if ro.mode == "ys":
         csl_node = [n for n, sl in e0.factors if n is not ch.steps[0]][0]
-        csl = list([sl for n, sl in e0.factors if n is csl_node][0])
-        # state slot -> base position
-        st_pos = [p if p < t else p + 1 for p in range(len(hsl))]
-        slot_pos = {hsl[i]: st_pos[i] for i in range(len(hsl))}
-        cpos = [slot_pos.get(s) if s is not None else None for s in csl]
-        cpos.insert(ro.c_axis, t)
-        C = _pos_view(b, (ro.c_base, None, tuple(cpos)), [sel.pos_batch, sel.pos_n, t])
-        # epilogue: y (stack) [+ u * D] [* gate]
-        stack = ro.stack
-        # stack dims -> base positions: y_t out slots + time at stack_dim
-        ypos = [slot_pos.get(s) for s in e0.out]
-        ypos.insert(ro.stack_dim, t)
-        folded = []
-        Dn = None
-        z = None
-        cur = stack
-        cur_pos = ypos
-        if len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            if nxt.op == "call_function" and nxt.target == aten.add.Tensor and nxt.kwargs.get("alpha", 1) == 1 and shape_of(nxt) == shape_of(cur):
-                other = nxt.args[1] if nxt.args[0] is cur else nxt.args[0]
-                Dn = _match_D(other, cur, cur_pos, sel)
-                if Dn is not None:
-                    folded.append(nxt)
-                    cur = nxt
-        if Dn is not None and len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            if nxt.op == "call_function" and nxt.target == aten.mul.Tensor and shape_of(nxt) == shape_of(cur):
-                other = nxt.args[1] if nxt.args[0] is cur else nxt.args[0]
-                zz = _match_gate(other, cur)
-                if zz is not None:
-                    folded.append(nxt)
-                    cur = nxt
-                    z = zz
-        Dv = None
-        if Dn is not None:
-            Dv = _pos_view(b, Dn, [sel.pos_d])
-        zc = None
-        if z is not None:
-            zpos = list(cur_pos)
-            zc = _pos_view(b, (z, None, tuple(zpos)), tb)
-        h0c = None
-        if h0 is not None:
-            # h0 has the state's dims (maybe fewer, right-aligned)
-            hp = list(st_pos)[len(st_pos) - len(shape_of(h0)):]
-            h0c = _pos_view(b, (h0, None, tuple(hp)), [sel.pos_batch, sel.pos_d, sel.pos_n])
-        out_dtype = dtype_of(cur)
-        op = b.call(SELECTIVE_SCAN, u, delta, A, Bm, C, Dv, zc, h0c, out_dtype)
-        y = b.call(operator.getitem, op, 0)
-        hl = b.call(operator.getitem, op, 1)
-        # y (batch, d, t) -> cur's layout
-        yv = b.view_to(y, tuple(tb), [p if p in tb else ("one", i) for i, p in enumerate(cur_pos)], {})
-        if sel.pos_batch is None:
-            pass
-        # final state (batch, d, n) -> state dims
-        hlv = b.view_to(hl, (sel.pos_batch, sel.pos_d, sel.pos_n), list(st_pos), {})
-        if dtype_of(hlv) != state_dtype:
-            hlv = b.call(aten.to.dtype, hlv, state_dtype)
-        return yv, hlv, folded, "selective_scan"
+        csl = [sl for n, sl in e0.factors if n is csl_node][0]
+        # C_t dims -> state slots in canonical order; C base dims = C_t dims with time inserted
+        target = [hsl[p] for p in perm]
+        cbase = _time_first_view(b, ro.c_base, ro.c_axis)
+        C = b.view_to(cbase, (("T",) + tuple(csl)), ["T"] + target, {})
+        out_dtype = dtype_of(ro.stack)
+    elif ro.mode == "states":
+        out_dtype = dtype_of(ro.stack)
+    op = b.call(LINEAR_SCAN, a, bb, h0c, C, out_dtype, state_dtype)
+    y = b.call(operator.getitem, op, 0)
+    hl = b.call(operator.getitem, op, 1)
+    inv = [perm.index(i) for i in range(r)]
+    if perm != list(range(r)):
+        hl = b.call(aten.permute.default, hl, inv)
+    out = None
+    if ro.mode == "ys":
+        # y: (L, state dims without k in perm order) -> y_t's out order, then stack dim
+        rem = [hsl[p] for p in perm[:-1]]
+        yo = list(e0.out)
+        yt = b.view_to(y, ("T",) + tuple(rem), ["T"] + [s if s in rem else ("one", i) for i, s in enumerate(yo)], {})
+        out = yt if ro.stack_dim == 0 else b.call(aten.movedim.int, yt, 0, ro.stack_dim)
+    elif ro.mode == "states":
+        yy = y
+        if perm != list(range(r)):
+            yy = b.call(aten.permute.default, y, [0] + [p + 1 for p in inv])
+        out = yy if ro.stack_dim == 0 else b.call(aten.movedim.int, yy, 0, ro.stack_dim)
+    return out, hl
+
+
+def _emit_selective(b: _Builder, plan: _Plan):
+    ch, ro, sel, h0, e0, epi = plan.ch, plan.ro, plan.sel, plan.h0, plan.e0, plan.epilogue
+    t = sel.pos_t
+    tb = [sel.pos_batch, sel.pos_d, t]
+    u = _pos_view(b, sel.u, tb)
+    delta = _pos_view(b, sel.delta, tb)
+    A = _pos_view(b, sel.A, [sel.pos_d, sel.pos_n])
+    Bm = _pos_view(b, sel.B, [sel.pos_batch, sel.pos_n, t])
+    # C: the C base's dims: C_t slots (as in the readout) with time at c_axis.
+    csl_node = [n for n, sl in e0.factors if n is not ch.steps[0]][0]
+    csl = list([sl for n, sl in e0.factors if n is csl_node][0])
+    cpos = [epi.slot_pos.get(s) if s is not None else None for s in csl]
+    cpos.insert(ro.c_axis, t)
+    C = _pos_view(b, (ro.c_base, None, tuple(cpos)), [sel.pos_batch, sel.pos_n, t])
+    Dv = _pos_view(b, epi.D, [sel.pos_d]) if epi.D is not None else None
+    zc = _pos_view(b, (epi.z, None, tuple(epi.out_pos)), tb) if epi.z is not None else None
+    h0c = None
+    if h0 is not None:
+        # h0 has the state's dims (maybe fewer, right-aligned)
+        hp = list(epi.st_pos)[len(epi.st_pos) - len(shape_of(h0)):]
+        h0c = _pos_view(b, (h0, None, tuple(hp)), [sel.pos_batch, sel.pos_d, sel.pos_n])
+    op = b.call(SELECTIVE_SCAN, u, delta, A, Bm, C, Dv, zc, h0c, dtype_of(epi.out))
+    y = b.call(operator.getitem, op, 0)
+    hl = b.call(operator.getitem, op, 1)
+    # y (batch, d, t) -> the replaced node's layout
+    yv = b.view_to(y, tuple(tb), [p if p in tb else ("one", i) for i, p in enumerate(epi.out_pos)], {})
+    # final state (batch, d, n) -> state dims
+    hlv = b.view_to(hl, (sel.pos_batch, sel.pos_d, sel.pos_n), list(epi.st_pos), {})
+    if dtype_of(hlv) != plan.state_dtype:
+        hlv = b.call(aten.to.dtype, hlv, plan.state_dtype)
+    return yv, hlv
 
 
 def _match_D(other, stack, stack_pos, sel: _Selective):
@@ -928,145 +975,13 @@ def _match_gate(other, cur):
     return z
 
 
-_PURE_OK = None
+def explain_scan(gm: torch.fx.GraphModule) -> list:
+    """Why the scan pass would not re-roll candidates of ``gm``, furthest first (read-only):
+    the near misses of ``fxopt.explain(gm, "scan")``."""
+    from ..rewrite import explain
 
+    return explain(gm, ScanPass())["scan"].near_misses
 
-def _erase_dead(gm: torch.fx.GraphModule, candidates: list) -> None:
-    """Erase candidates (and then their inputs, transitively) that have no users left.
-
-    Collects the dead set first, then removes it in bulk (``Graph.erase_node`` costs ~15 us a
-    node, seconds on a 500k-node unrolled graph); falls back to ``erase_node`` where the
-    private structures it relies on are missing."""
-    g = gm.graph
-    dead: dict = {}
-    cand_set = set(candidates)
-    cnt: dict = {}  # node -> users still alive (asserts not counted)
-
-    def live(m):
-        c = cnt.get(m)
-        if c is None:
-            c = sum(1 for u in m.users if u not in dead and u.target is not _ASSERT_T)
-            cnt[m] = c
-        return c
-
-    work = list(candidates)
-    i = 0
-    while i < len(work):
-        n = work[i]
-        i += 1
-        if n in dead or n._erased or n.op != "call_function" or live(n) > 0:
-            continue
-        if n not in cand_set and n.is_impure():
-            continue
-        dead[n] = None
-        for u in n.users:
-            if u not in dead:
-                dead[u] = None  # metadata asserts go with the value
-        for m in n._input_nodes:
-            if m in cnt:
-                cnt[m] -= 1
-                if cnt[m] == 0:
-                    work.append(m)
-            elif live(m) == 0:
-                work.append(m)
-    if not dead:
-        return
-    if not _bulk_remove(g, dead):
-        for n in reversed(_topo(g, dead)):
-            if not getattr(n, "_erased", False):
-                g.erase_node(n)
-
-
-def _topo(g, dead):
-    order = []
-    for n in g.nodes:
-        if n in dead:
-            order.append(n)
-    return order
-
-
-def _bulk_remove(g: torch.fx.Graph, dead: dict) -> bool:
-    owning = g.owning_module
-    if owning is not None and getattr(owning, "_erase_node_hooks", None):
-        return False
-    table = getattr(g, "_find_nodes_lookup_table", None)
-    if table is None or not hasattr(table, "table") or not hasattr(g, "_len"):
-        return False
-    # every user of a dead node must be dead too
-    for n in dead:
-        for u in n.users:
-            if u not in dead:
-                return False
-    groups: dict = {}
-    for n in dead:
-        groups.setdefault((n.op, id(n.target)), []).append(n)
-    for key, ns in groups.items():
-        tbl = table.table.get(table._key(ns[0]))
-        if tbl is None:
-            return False
-        for n in ns:
-            tbl.pop(n, None)
-    # (object.__setattr__: Node.__setattr__ re-indexes live nodes in the lookup table on every
-    # attribute write, which is most of erase_node's cost and not needed for list links)
-    sa = object.__setattr__
-    for n in dead:
-        p, nx = n._prev, n._next
-        sa(p, "_next", nx)
-        sa(nx, "_prev", p)
-        sa(n, "_erased", True)
-        for inp in n._input_nodes:
-            if inp not in dead:
-                inp.users.pop(n, None)
-    g._len -= len(dead)
-    for n in dead:
-        sa(n, "_args", ())
-        sa(n, "_kwargs", {})
-        sa(n, "_input_nodes", {})
-        n.users.clear()
-    return True
-
-
-def explain_scan(gm: torch.fx.GraphModule) -> list[Rejection]:
-    """Why the scan pass would not fire on candidates of ``gm`` (does not modify ``gm``)."""
-    p = ScanPass()
-    g = _Graph(gm)
-    chains = _find_chains(g, p.last_rejections)
-    out = []
-    for ch in chains:
-        if ch.broken:
-            out.append(Rejection(ch.steps[0].name, ch.broken, len(ch.steps)))
-            continue
-        try:
-            _analyse_readout(ch, g)
-        except NotTracked as exc:
-            out.append(Rejection(ch.steps[0].name, str(exc), len(ch.steps)))
-    return out
-
-
-@dataclass
-class ScanExplanation:
-    """What ``fxopt.explain(gm, "scan")`` returns: candidates that did not re-roll, the
-    ones that got furthest (most steps) first."""
-
-    rejections: list[Rejection]
-    top: int = 5
-
-    @property
-    def matched(self) -> bool:
-        return not self.rejections
-
-    def __str__(self) -> str:
-        if not self.rejections:
-            return "scan: no rejected candidate (every recurrence found would be re-rolled)"
-        ranked = sorted(self.rejections, key=lambda r: -r.steps)
-        lines = [f"scan: {len(ranked)} candidate recurrence(s) rejected; furthest first:"]
-        lines += [f"  {i + 1}. {r}" for i, r in enumerate(ranked[: self.top])]
-        if len(ranked) > self.top:
-            lines.append(f"  ... {len(ranked) - self.top} more")
-        return "\n".join(lines)
-
-
-register_pass("scan", ScanPass)
 
 # Kernel source for fxopt.codegen.kernel_sources (inspection, OptimizedModule.kernel_sources).
 def _scan_source(node):

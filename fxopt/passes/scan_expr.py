@@ -11,6 +11,8 @@ table of spellings.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,29 +24,42 @@ aten = torch.ops.aten
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_SHAPES: dict = {}
+# Static shapes are looked up many times per node on unrolled graphs; the cache is the one the
+# rewrite run hands in (``ctx.cache``), active only inside ``with shape_cache(...)``, so it dies
+# with the run and never keeps the nodes of a finished graph alive.
+_ACTIVE_SHAPES: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("fxopt_scan_shapes", default=None)
 
 
-def clear_cache() -> None:
-    _SHAPES.clear()
+@contextlib.contextmanager
+def shape_cache(cache: dict):
+    token = _ACTIVE_SHAPES.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE_SHAPES.reset(token)
+
+
+def _static_shape(x: Node) -> Optional[tuple]:
+    v = x.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        try:
+            return tuple(int(s) for s in v.shape)
+        except TypeError:  # symbolic
+            return None
+    return None
 
 
 def shape_of(x) -> Optional[tuple]:
     if not isinstance(x, Node):
         return None
+    cache = _ACTIVE_SHAPES.get()
+    if cache is None:
+        return _static_shape(x)
     try:
-        return _SHAPES[x]
+        return cache[x]
     except KeyError:
-        pass
-    v = x.meta.get("val")
-    out = None
-    if isinstance(v, torch.Tensor):
-        try:
-            out = tuple(int(s) for s in v.shape)
-        except TypeError:  # symbolic
-            out = None
-    _SHAPES[x] = out
-    return out
+        out = cache[x] = _static_shape(x)
+        return out
 
 
 def dtype_of(x):
