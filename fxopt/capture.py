@@ -31,6 +31,9 @@ from .config import debug_log, get_config
 from .errors import CaptureError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# One capture at a time in this process: torch.export installs process-wide tracing state
+# (dispatch-mode slots, patched module calls), and two exports interleaved by threads corrupt it.
+CAPTURE_LOCK = threading.RLock()
 _FXOPT_DIR = os.path.dirname(__file__)
 
 
@@ -62,8 +65,21 @@ def _takes_use_cache(model: torch.nn.Module) -> bool:
     return known
 
 
+def injected_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
+    """Keyword arguments capture adds to a call that did not set them (HF's ``use_cache=False``)."""
+    return {"use_cache": False} if _takes_use_cache(model) and "use_cache" not in kwargs else {}
+
+
+def prepare_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """The user's (args, kwargs) as a tuple and a dict, checked, with nothing added: what the
+    captured graph takes (capture adds and then removes ``use_cache``, see :func:`capture`)."""
+    args, full = normalize_call(model, args, kwargs)
+    extra = injected_kwargs(model, dict(kwargs or {}))
+    return args, {k: v for k, v in full.items() if k not in extra}
+
+
 def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
-    """The (args, kwargs) that capture and every later call use.
+    """The (args, kwargs) the model is run with under capture.
 
     HF models return a cache object unless ``use_cache=False``; export rejects it
     (it is not a pytree). Users will call ``fxopt.optimize(model, (ids,))``, so we add
@@ -182,9 +198,10 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
             f"capture needs a torch.nn.Module, got {type(model).__name__}; "
             "wrap a plain function with fxopt.capture_function(fn, example_args)"
         )
+    user_kwargs = dict(kwargs or {})
     args, kwargs = normalize_call(model, args, kwargs)
     t0 = time.perf_counter()
-    with _heartbeat(f"capturing {type(model).__name__}"):
+    with CAPTURE_LOCK, _heartbeat(f"capturing {type(model).__name__}"):
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)
             gm = ep.module()
@@ -194,10 +211,49 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
             if get_config().debug:
                 traceback.print_exc()
             raise _translate(exc, model) from exc
+    _drop_shape_guards(gm)
+    extra = {k: v for k, v in kwargs.items() if k not in user_kwargs}
+    if extra:
+        _drop_inputs(gm, args, kwargs, user_kwargs, extra)
     gm.meta["fxopt_capture_seconds"] = time.perf_counter() - t0
     gm.meta["fxopt_model"] = type(model).__name__
     debug_log(1, f"captured {type(model).__name__}: {len(gm.graph.nodes)} nodes in {gm.meta['fxopt_capture_seconds']:.2f} s")
     return gm
+
+
+def _drop_shape_guards(gm: torch.fx.GraphModule) -> None:
+    """Export (torch >= 2.12) adds a ``_guards_fn`` call checking the input shapes it traced
+    with. fxopt keys every graph on its exact input signature before calling it, so the check
+    is implied; dropping it keeps node counts equal to the computation's and saves a call."""
+    guards = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("_guards_fn")]
+    for n in guards:
+        gm.graph.erase_node(n)
+    if guards:
+        gm.recompile()
+
+
+def _drop_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, user_kwargs: dict, extra: dict) -> None:
+    """Make ``gm`` take the call the user wrote: the inputs capture added (``extra``, constants
+    the graph was specialised on) become constants, and the pytree input spec loses them, so
+    ``gm(input_ids)`` works (also for ``torch.export`` of it)."""
+    from torch.utils import _pytree as pytree
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or len(phs) != info.in_spec.num_leaves:
+        return  # not the layout export produces; leave the graph as it is
+    _, kw_nodes = pytree.tree_unflatten(phs, info.in_spec)
+    for key, value in extra.items():
+        node = kw_nodes.get(key)
+        if not isinstance(node, torch.fx.Node):
+            return
+        if node.users:
+            node.replace_all_uses_with(value)  # type: ignore[arg-type]
+        gm.graph.erase_node(node)
+    new_spec = pytree.tree_flatten((tuple(args), {k: v for k, v in kwargs.items() if k not in extra}))[1]
+    codegen.pytree_info = info._replace(in_spec=new_spec, orig_args=[a for a in info.orig_args if a not in extra])
+    gm.recompile()
 
 
 class _FunctionModule(torch.nn.Module):

@@ -28,7 +28,8 @@ Which layers the proxies hold: layer 0, then the *last* layer, then a middle one
 (k = 2: ``[0, n-1]``, k = 3: ``[0, n//2, n-1]``), so code that branches on a layer index
 (a special last layer, every m-th layer) is caught when a probed layer takes the branch.
 Per-layer Python attributes are also compared up front (:func:`check_layer_attributes`):
-anything but an integer equal to the layer's own index (HF's ``layer_idx``) must agree.
+anything but an integer equal to the layer's own index (HF's ``layer_idx``) must agree, callables
+(an activation function stored on the layer), configs and tensor constants included.
 A layer whose *code* branches on its index in a way no probed layer exercises would
 still be missed; that is the price of not tracing every layer.
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import copy
 import re
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -105,7 +107,34 @@ def _simple(v) -> bool:
 
 
 def _plain_attrs(m: torch.nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+    return {k: v for k, v in vars(m).items() if not k.startswith("_")}
+
+
+def _same_object_value(v, v0) -> bool:
+    """Whether a non-simple attribute (a callable, a config, a tensor constant, ...) is the same
+    in two layers. Identity, or equality the type defines (a config's ``__eq__``); plain
+    functions and bound methods compare by identity of function and owner; tensors by dtype,
+    shape and values. Anything that cannot be compared counts as different (the template is
+    then not used, which is always sound)."""
+    if v is v0:
+        return True
+    if type(v) is not type(v0):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dtype == v0.dtype and v.shape == v0.shape and bool(torch.equal(v, v0))
+    if isinstance(v, types.MethodType):
+        # A method bound to each layer's own object (``self.fn = self._impl``): the same code on
+        # a twin; the objects' own state is compared where they are modules of the layers.
+        return v.__func__ is v0.__func__ and type(v.__self__) is type(v0.__self__)
+    if isinstance(v, (list, tuple)):
+        return len(v) == len(v0) and all(_same_object_value(a, b) for a, b in zip(v, v0))
+    if isinstance(v, dict):
+        return v.keys() == v0.keys() and all(_same_object_value(v[k], v0[k]) for k in v)
+    try:
+        eq = v == v0
+    except Exception:  # noqa: BLE001 - an __eq__ that fails means we cannot tell
+        return False
+    return eq is True
 
 
 def check_layer_attributes(model: torch.nn.Module, path: str) -> None:
@@ -129,8 +158,8 @@ def check_layer_attributes(model: torch.nn.Module, path: str) -> None:
                     continue
                 if all(type(v) is int for v in values) and values == list(range(len(values))):
                     continue  # a layer index (HF layer_idx): the probes cover index-dependent code
-            elif all(type(v) is type(v0) for v in values):
-                continue  # configs, callables, ...: not compared
+            elif all(_same_object_value(v, v0) for v in values):
+                continue  # the same callable / config / constant in every layer
             where = f"{path}.<i>{'.' + sub if sub else ''}.{key}"
             raise TemplateMismatch(f"layers differ in attribute {where}: {values[:8]}{' ...' if len(values) > 8 else ''}")
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,11 +15,17 @@ from torch.utils import _pytree as pytree
 
 from . import layer_generic as lyr
 from . import length_generic as lg
-from .capture import capture, normalize_call
+from .capture import CAPTURE_LOCK, capture, prepare_call
 from .config import get_config
 from .errors import FxoptError
+from .guards import ModelState
 from .pass_manager import PassManager, Report
 from .registry import PassSpec, resolve_passes
+from .rewrite.pass_base import Pass
+from .rewrite.rule import RuleBase, RuleSet
+from .runtime.sampling import UNSET
+
+log = logging.getLogger("fxopt")
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -54,6 +62,11 @@ class Specialization:
     optimized: torch.fx.GraphModule
     report: Report
     layer_template: bool = False  # built from a layer-generic template (layer_generic.py)
+    replay: Any = None  # a runtime.cuda_graphs.GraphReplay of ``optimized`` (CUDA), or None
+
+    def __call__(self, args: tuple, kwargs: dict):
+        fn = self.replay if self.replay is not None else self.optimized
+        return fn(*args, **kwargs)
 
     def original_graph_module(self) -> torch.fx.GraphModule:
         if not isinstance(self.original, torch.nn.Module):
@@ -64,33 +77,157 @@ class Specialization:
 class OptimizedModule(torch.nn.Module):
     """A model rewritten by fxopt passes. Call it like the model.
 
-    New input shapes trigger a new capture + rewrite, kept in a bounded LRU cache
-    (``FXOPT_SHAPE_CACHE_SIZE``, default 8). The user's model is referenced, never
-    modified; rewritten graphs share its parameter tensors.
+    Each call runs the specialisation for its key: the call signature (pytree structure, every
+    tensor's shape/dtype/device/requires_grad, every plain value) and every module's train/eval
+    flag. New keys trigger a capture + rewrite, kept in a bounded LRU cache
+    (``FXOPT_SHAPE_CACHE_SIZE``, default 8). Before every call the model's state is checked
+    against what the graphs were captured from (:class:`fxopt.guards.ModelState`: modules,
+    parameter/buffer objects, dtypes, devices, storages, hooks); a change drops every
+    specialisation, with a note in the report. A model with forward hooks runs eagerly (a
+    captured graph would skip them). The user's model is referenced, never modified; rewritten
+    graphs share its parameter tensors. Attribute reads the module does not have (``config``,
+    ``generation_config``, ...) go to the model; ``train()/eval()/to()`` act on the model.
     """
 
     def __init__(self, model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
-                 passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None,
-                 seq_dim: int | str | None = "auto", layer_templates: bool = True):
+                 passes: Iterable[PassSpec] | PassSpec | None = None, *, cache_size: int | None = None,
+                 seq_dim: int | str | None = "auto", layer_templates: bool = True,
+                 cuda_graphs: bool | str = "auto"):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise FxoptError(f"optimize needs a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, OptimizedModule):
+            raise FxoptError("optimize got an fxopt.OptimizedModule: optimize the model it wraps (opt.model) instead")
         # Stored outside nn.Module registration so our state_dict()/parameters() do not
         # re-export the user's model under a new prefix.
         object.__setattr__(self, "_model", model)
-        self._pass_specs = list(passes) if passes is not None else None
-        resolve_passes(self._pass_specs)  # fail now, not at first call, on an unknown name
+        # Kept as given (one name stays one name); an iterator is read once, here.
+        if not (passes is None or isinstance(passes, (str, Pass, RuleBase, RuleSet, type, bytes, dict))) \
+                and isinstance(passes, Iterable):
+            passes = list(passes)
+        resolve_passes(passes)  # fail now, not at first call, on an unknown name or a bad spec
+        self._pass_specs = passes
+        self._cache_size = _check_cache_size(cache_size)
+        if seq_dim not in ("auto", None) and (isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or seq_dim < 0):
+            raise FxoptError(f"seq_dim must be 'auto', None or a non-negative int (the inputs' sequence axis), got {seq_dim!r}")
+        if cuda_graphs not in ("auto", True, False):
+            raise FxoptError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        self._cuda_graphs = cuda_graphs
+        self._layer_templates_on = bool(layer_templates)
+        self._seq_dim_arg = seq_dim
+        self._init_state()
+        args, kwargs = prepare_call(model, args, kwargs)
+        self._seq_dim = _infer_seq_dim(args) if seq_dim == "auto" else seq_dim
+        self.training = model.training
+        self._select(args, kwargs)  # the first specialisation is built now (not run)
+
+    def _init_state(self) -> None:
+        """Everything derived from the model's current state: built at construction, after a
+        change of the model, and after unpickling."""
+        model = self._model
+        self._lock = threading.RLock()
+        self._state = ModelState(model)
         self._cache: OrderedDict[tuple, Specialization] = OrderedDict()
-        self._cache_size = cache_size or get_config().shape_cache_size
         self._last: Specialization | None = None
-        self._templates: dict[tuple, lg.LengthTemplate | None] = {}
+        self._eager_reason: str | None = None
+        self._state_notes: list[str] = []
+        self._templates: OrderedDict[tuple, lg.LengthTemplate | None] = OrderedDict()
+        self._template_failure = None
+        self._layer_failure = None
         # Deep models: optimize proxies with 1-3 of the stack's layers and instantiate the
         # rewritten graph for all of them (see layer_generic.py). (path, n) or None.
-        self._layer_stack = lyr.find_layer_stack(model) if layer_templates else None
-        self._layer_templates: dict[tuple, tuple | None] = {}
-        args, kwargs = normalize_call(model, args, kwargs)
-        self._seq_dim = _infer_seq_dim(args) if seq_dim == "auto" else seq_dim
-        self._specialize(args, kwargs, call_signature(args, kwargs))
+        self._layer_stack = lyr.find_layer_stack(model) if self._layer_templates_on else None
+        self._layer_templates: OrderedDict[tuple, tuple | None] = OrderedDict()
+        self._mode: tuple = self._state.mode()
+
+    # ------------------------------------------------------------------ calling
+    def forward(self, *args, **kwargs):
+        args, kwargs = prepare_call(self._model, args, kwargs)
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple, kwargs: dict):
+        spec = self._select(args, kwargs)
+        if spec is None:
+            return self._model(*args, **kwargs)
+        return spec(args, kwargs)
+
+    def _select(self, args: tuple, kwargs: dict) -> "Specialization | None":
+        """The specialisation for this call (built if new), or None: run the model eagerly."""
+        with self._lock:
+            why = self._state.check()
+            if why is not None:
+                notes = self._state_notes + [f"specialisations dropped and rebuilt: {why}"]
+                log.info("fxopt: %s: %s", type(self._model).__name__, notes[-1])
+                self._init_state()
+                self._state_notes = notes[-8:]
+            if self._state.hooks:
+                self._eager_reason = (f"forward hooks on {', '.join(self._state.hooks[:3])}: the model runs eagerly "
+                                      "(a captured graph would not run them); remove the hooks to use fxopt's graphs")
+                return None
+            self._eager_reason = None
+            mode = self._state.mode()
+            key = (call_signature(args, kwargs), mode)
+            spec = self._cache.get(key)
+            if spec is not None:
+                self._cache.move_to_end(key)
+                self._last = spec
+                return spec
+        # Capture is serialised process-wide (torch.export is not re-entrant across threads).
+        with CAPTURE_LOCK, self._lock:
+            spec = self._cache.get(key)
+            if spec is None:
+                self._mode = mode
+                spec = self._specialize(args, kwargs, key)
+                if self._state_notes:
+                    spec.report.notes.extend(self._state_notes)
+                self._setup_replay(spec)
+            self._last = spec
+            return spec
+
+    def _setup_replay(self, spec: "Specialization") -> None:
+        if self._cuda_graphs is False or not _on_cuda(self._model):
+            if self._cuda_graphs is True:
+                spec.report.notes.append("cuda_graphs=True: not replayed, the model is not on a CUDA device")
+            return
+        from .runtime.cuda_graphs import GraphReplay
+
+        spec.replay = GraphReplay(spec.optimized, name=f"{type(self._model).__name__} specialisation")
+
+    # ------------------------------------------------------------------ nn.Module behaviour
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            model = self.__dict__.get("_model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        """Switch the *model* (and this wrapper's flag): the next call uses (or builds) the
+        specialisation of that mode."""
+        self._model.train(mode)
+        object.__setattr__(self, "training", bool(mode))
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to()``, ``cuda()``, ``half()``, ...: applied to the model; the next call sees the
+        changed tensors and re-specialises."""
+        self._model._apply(fn)
+        return self
+
+    def __getstate__(self):
+        # Specialisations hold export-produced GraphModules (not picklable) and locks: pickle
+        # the model and the options; the next call after unpickling specialises again.
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_lock", "_state", "_cache", "_last", "_templates", "_layer_templates")}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_state()
 
     # ------------------------------------------------------------------ internals
     def _specialize(self, args: tuple, kwargs: dict, key: tuple) -> Specialization:
@@ -110,7 +247,7 @@ class OptimizedModule(torch.nn.Module):
         if length is None or length < lg.MIN_TEMPLATE_LENGTH:
             return None
         probe0 = lg.DEFAULT_PROBES[0]
-        tkey = call_signature(*lg.narrow_inputs(args, kwargs, self._seq_dim, length, probe0))
+        tkey = (call_signature(*lg.narrow_inputs(args, kwargs, self._seq_dim, length, probe0)), self._mode)
         if tkey not in self._templates:
             probes: list[Specialization] = []
 
@@ -156,7 +293,7 @@ class OptimizedModule(torch.nn.Module):
         ``ks``: the plain template's probe depths; a template with its first layer peeled
         is fitted to proxies one layer deeper each."""
         path, n = self._layer_stack
-        key = call_signature(args, kwargs)
+        key = (call_signature(args, kwargs), self._mode, ks)
         if key not in self._layer_templates:
             probes: dict[int, Specialization] = {}  # by the proxy's depth
 
@@ -172,6 +309,8 @@ class OptimizedModule(torch.nn.Module):
             except lg.TemplateMismatch as exc:
                 entry, self._layer_failure = None, str(exc)
             self._layer_templates[key] = entry
+            while len(self._layer_templates) > 2 * self._cache_size:
+                self._layer_templates.popitem(last=False)
         if self._layer_templates[key] is None:
             return None
         template, base_report, captured = self._layer_templates[key]
@@ -226,26 +365,27 @@ class OptimizedModule(torch.nn.Module):
         optimized, report = PassManager(resolve_passes(self._pass_specs)).run(work, report)
         return Specialization(captured, optimized, report)
 
-    def forward(self, *args, **kwargs):
-        args, kwargs = normalize_call(self._model, args, kwargs)
-        key = call_signature(args, kwargs)
-        spec = self._cache.get(key)
-        if spec is None:
-            spec = self._specialize(args, kwargs, key)
-        else:
-            self._cache.move_to_end(key)
-            self._last = spec
-        return spec.optimized(*args, **kwargs)
-
     # ------------------------------------------------------------------ inspection
     @property
     def model(self) -> torch.nn.Module:
         return self._model
 
     @property
+    def pass_specs(self):
+        """The ``passes=`` this module was built with, as given (None: the library defaults)."""
+        return self._pass_specs
+
+    def _current(self) -> Specialization:
+        if self._last is None:
+            raise FxoptError(f"no graph was built for {type(self._model).__name__}: "
+                             f"{self._eager_reason or 'it has not been called yet'}")
+        return self._last
+
+    @property
     def graph_module(self) -> torch.fx.GraphModule:
-        """The rewritten graph of the most recently used specialisation."""
-        return self._last.optimized
+        """The rewritten graph of the most recently used specialisation. It takes the call
+        the user wrote (``opt.graph_module(ids)``; no ``use_cache`` for HF models)."""
+        return self._current().optimized
 
     @property
     def original_graph_module(self) -> torch.fx.GraphModule:
@@ -260,14 +400,44 @@ class OptimizedModule(torch.nn.Module):
         proxies' captures (before passes), instantiated at full depth on first access;
         node names match graph_module's. Should those captures not fit a template, it is
         the capture of the shallowest proxy (1 layer; 2 when the first layer is peeled)."""
-        return self._last.original_graph_module()
+        return self._current().original_graph_module()
 
     @property
     def specializations(self) -> int:
         return len(self._cache)
 
     def report(self) -> Report:
-        return self._last.report
+        """The report of the most recently used specialisation (with a note when the last
+        call ran the model eagerly, and why)."""
+        if self._last is None:
+            return Report(model=type(self._model).__name__, notes=[self._eager_reason or "not called yet"])
+        if self._eager_reason is None:
+            return self._last.report
+        report = copy.copy(self._last.report)
+        report.notes = list(report.notes) + [f"last call: {self._eager_reason}"]
+        return report
+
+    # ------------------------------------------------------------------ generation (fxopt.runtime)
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature=UNSET, top_k=UNSET, top_p=UNSET, eos_token_id=UNSET, pad_token_id=UNSET,
+                 streamer=None, generator: "torch.Generator | None" = None) -> torch.Tensor:
+        """Prompt + up to ``max_new_tokens`` new tokens, as HF's ``generate`` returns them:
+        prefill and decode-step graphs with static caches, rewritten by this module's passes,
+        the decode step replayed as a CUDA graph on CUDA (see :func:`fxopt.runtime.generate`).
+        Greedy output is HF's token for token; HF GPTNeoX and HF Mamba are supported, other
+        families raise :class:`fxopt.runtime.UnsupportedModelError`."""
+        from . import runtime
+
+        return runtime.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, streamer=streamer, generator=generator)
+
+    def cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """Bytes of every cache tensor :meth:`generate` allocates for ``batch_size`` rows of at
+        most ``max_length`` tokens (from the rewritten decode graph's own cache description)."""
+        from . import runtime
+
+        return runtime.cache_bytes(self, batch_size, max_length)
 
     def kernel_sources(self) -> dict[str, str]:
         """Generated kernel source for every fused node of the current graph."""
@@ -284,6 +454,23 @@ def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _check_cache_size(cache_size) -> int:
+    if cache_size is None:
+        return get_config().shape_cache_size
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise FxoptError(f"cache_size must be a positive int (specialisations kept, LRU), got {cache_size!r}; "
+                         "leave it None for FXOPT_SHAPE_CACHE_SIZE (default 8)")
+    return cache_size
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    for t in model.parameters():
+        return t.is_cuda
+    for t in model.buffers():
+        return t.is_cuda
+    return False
+
+
 def _infer_seq_dim(args: tuple) -> int | None:
     """Token-id inputs (an integer (b, l) tensor first) have their sequence on dim 1."""
     first = next((x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), None)
@@ -293,8 +480,9 @@ def _infer_seq_dim(args: tuple) -> int | None:
 
 
 def optimize(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
-             passes: Iterable[PassSpec] | None = None, *, cache_size: int | None = None,
-             seq_dim: int | str | None = "auto", layer_templates: bool = True) -> OptimizedModule:
+             passes: Iterable[PassSpec] | PassSpec | None = None, *, cache_size: int | None = None,
+             seq_dim: int | str | None = "auto", layer_templates: bool = True,
+             cuda_graphs: bool | str = "auto") -> OptimizedModule:
     """Capture ``model(*args, **kwargs)``, run ``passes`` (names or Pass objects; None =
     the library defaults) and return a module that computes the same thing.
 
@@ -310,9 +498,14 @@ def optimize(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
     rewritten graph for all layers (see ``fxopt/layer_generic.py``), falling back to a
     full capture when the layers' graphs differ. ``False`` always captures the whole model.
 
+    ``cuda_graphs``: ``"auto"`` (default) replays each specialisation of a model on CUDA as a
+    CUDA graph after its first (warm-up) call, copying inputs in and outputs out (outputs stay
+    valid after the next call); calls that cannot be captured (gradients recorded, host syncs,
+    CPU tensors) run the graph directly, with a note. ``False`` never replays.
+
     >>> opt = fxopt.optimize(model, (input_ids,))
     >>> logits = opt(input_ids).logits
     >>> print(opt.report())
     """
     return OptimizedModule(model, args, kwargs, passes, cache_size=cache_size, seq_dim=seq_dim,
-                           layer_templates=layer_templates)
+                           layer_templates=layer_templates, cuda_graphs=cuda_graphs)

@@ -39,7 +39,7 @@ import torch.fx
 from torch.fx import Node
 
 from ..codegen import register_source_provider
-from ..ops import scan as scan_ops  # noqa: F401  (registers the custom ops)
+from ..ops import scan as scan_ops  # registers the custom ops; its entry points are what graphs call
 from ..rewrite import Declined, Divergence, NodeRule, RewritePass, decline, emit
 from ..testing.contracts import fp64_relative
 from .scan_expr import Expr, NotTracked, dtype_of, shape_cache, shape_of, strip_casts, track
@@ -873,7 +873,9 @@ def _emit_linear(b: _Builder, plan: _Plan):
         out_dtype = dtype_of(ro.stack)
     elif ro.mode == "states":
         out_dtype = dtype_of(ro.stack)
-    op = b.call(LINEAR_SCAN, a, bb, h0c, C, out_dtype, state_dtype)
+    # The graph entry point (same semantics as the op; skips the dispatcher when no autograd,
+    # tracing or mode needs it: the fast launch path).
+    op = b.call(scan_ops.linear_scan, a, bb, h0c, C, out_dtype, state_dtype)
     y = b.call(operator.getitem, op, 0)
     hl = b.call(operator.getitem, op, 1)
     inv = [perm.index(i) for i in range(r)]
@@ -915,7 +917,7 @@ def _emit_selective(b: _Builder, plan: _Plan):
         # h0 has the state's dims (maybe fewer, right-aligned)
         hp = list(epi.st_pos)[len(epi.st_pos) - len(shape_of(h0)):]
         h0c = _pos_view(b, (h0, None, tuple(hp)), [sel.pos_batch, sel.pos_d, sel.pos_n])
-    op = b.call(SELECTIVE_SCAN, u, delta, A, Bm, C, Dv, zc, h0c, dtype_of(epi.out))
+    op = b.call(scan_ops.selective_scan, u, delta, A, Bm, C, Dv, zc, h0c, dtype_of(epi.out))
     y = b.call(operator.getitem, op, 0)
     hl = b.call(operator.getitem, op, 1)
     # y (batch, d, t) -> the replaced node's layout

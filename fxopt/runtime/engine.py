@@ -101,7 +101,7 @@ def _pass_specs(opt) -> Optional[list]:
     specs = getattr(opt, "pass_specs", None)
     if specs is None:
         specs = getattr(opt, "_pass_specs", None)
-    return None if specs is None else list(specs)
+    return specs  # as given: resolve_passes reads a name, a pass, a rule or a list
 
 
 class Runtime:
