@@ -14,6 +14,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from . import layer_generic as lyr
+from . import length_check as lc
 from . import length_generic as lg
 from .capture import CAPTURE_LOCK, capture, prepare_call
 from .config import get_config
@@ -131,9 +132,11 @@ class OptimizedModule(torch.nn.Module):
         self._last: Specialization | None = None
         self._eager_reason: str | None = None
         self._state_notes: list[str] = []
-        self._templates: OrderedDict[tuple, lg.LengthTemplate | None] = OrderedDict()
         self._template_failure = None
         self._layer_failure = None
+        # Length templates and their op-stream checks (see _from_template), LRU like _cache.
+        self._templates: OrderedDict[tuple, tuple] = OrderedDict()
+        self._stream_checks: OrderedDict[tuple, tuple[bool, str]] = OrderedDict()
         # Deep models: optimize proxies with 1-3 of the stack's layers and instantiate the
         # rewritten graph for all of them (see layer_generic.py). (path, n) or None.
         self._layer_stack = lyr.find_layer_stack(model) if self._layer_templates_on else None
@@ -222,7 +225,7 @@ class OptimizedModule(torch.nn.Module):
         # Specialisations hold export-produced GraphModules (not picklable) and locks: pickle
         # the model and the options; the next call after unpickling specialises again.
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_lock", "_state", "_cache", "_last", "_templates", "_layer_templates")}
+                 if k not in ("_lock", "_state", "_cache", "_last", "_templates", "_layer_templates", "_stream_checks")}
         return state
 
     def __setstate__(self, state):
@@ -240,52 +243,110 @@ class OptimizedModule(torch.nn.Module):
 
     def _from_template(self, args: tuple, kwargs: dict) -> Specialization | None:
         """Long sequences: instantiate a length-generic template (see length_generic.py)
-        instead of tracing every unrolled loop step. None when not applicable."""
+        instead of tracing every unrolled loop step, once the model's op stream at this
+        length has been checked against the probes' (see length_check.py). None when not
+        applicable; a direct capture with a note saying why when the template or the
+        check fails."""
         if self._seq_dim is None:
             return None
         length = lg.sequence_length(args, kwargs, self._seq_dim)
         if length is None or length < lg.MIN_TEMPLATE_LENGTH:
             return None
-        probe0 = lg.DEFAULT_PROBES[0]
-        tkey = (call_signature(*lg.narrow_inputs(args, kwargs, self._seq_dim, length, probe0)), self._mode)
+        try:
+            tkey = (call_signature(*lg.narrow_inputs(args, kwargs, self._seq_dim, length, lg.DEFAULT_PROBES[0])),
+                    self._mode)
+        except Exception as exc:  # noqa: BLE001 - inputs that cannot be cut: not a sequence
+            return self._direct(args, kwargs, f"length-generic template not used: narrowing the inputs failed: {exc}")
         if tkey not in self._templates:
-            probes: list[Specialization] = []
-
-            def optimize_at(a, k):
-                # Layer templates compose: each probe length is optimized from 1-3 layer
-                # proxies. Only the first length verifies with 3 layers: the layers proved
-                # interchangeable there, the later lengths still check their 1- and 2-layer
-                # graphs against the template, and build_template then demands that the
-                # three n-layer graphs agree node for node up to affine literals.
-                ks = lyr.DEFAULT_KS if not probes else (1, 2) if probes[0].layer_template else None
-                probes.append(self._capture_and_rewrite(a, k, layer_ks=ks))
-                return probes[-1].optimized
-
-            try:
-                template = lg.build_template(optimize_at, args, kwargs, self._seq_dim)
-                template.notes.append(f"probe report (L={probe0}) follows")
-                template.probe_spec = probes[0]  # type: ignore[attr-defined]
-            except lg.TemplateMismatch as exc:
-                template = None
-                self._template_failure = str(exc)
-            self._templates[tkey] = template
-        template = self._templates[tkey]
+            self._templates[tkey] = self._build_length_template(args, kwargs, length)
+            while len(self._templates) > self._cache_size:
+                self._templates.popitem(last=False)
+        self._templates.move_to_end(tkey)
+        template, reason = self._templates[tkey]
         if template is None:
-            return None
+            return self._direct(args, kwargs, f"length-generic template not used: {reason}")
+        verified, verdict = self._check_stream(template, args, kwargs, length)
+        if not verified:
+            return self._direct(args, kwargs, f"length-generic template not used: {verdict}")
         t0 = time.perf_counter()
         try:
             gm = template.instantiate(length, args, kwargs)
         except lg.TemplateMismatch as exc:
-            self._template_failure = str(exc)
-            return None
+            return self._direct(args, kwargs, f"length-generic template not used: {exc}")
         probe = template.probe_spec  # type: ignore[attr-defined]
         report = copy.copy(probe.report)
         report.notes = list(probe.report.notes) + [
             f"length-generic: graph instantiated at L={length} from probes at L={template.lengths} "
-            f"({template.varying} literals depend on L); probes took {template.probe_seconds:.2f} s, "
+            f"({template.varying} literals depend on L); {verdict}; probes took {template.probe_seconds:.2f} s, "
             f"instantiation {time.perf_counter() - t0:.2f} s; matches/nodes below are per probe graph"]
         report.instantiate_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
         return Specialization(probe.original, gm, report)
+
+    def _direct(self, args: tuple, kwargs: dict, note: str) -> Specialization:
+        """A capture at the real length, where a length template cannot be trusted."""
+        spec = self._capture_and_rewrite(args, kwargs)
+        spec.report.notes.append(note)
+        return spec
+
+    def _build_length_template(self, args: tuple, kwargs: dict, length: int) -> tuple:
+        """(template, None), or (None, why not): the rewritten graphs of the probes
+        (length_generic.py) and the op-stream model of the verification proxy
+        (length_check.py), fitted at the same probe lengths."""
+        probes: list[Specialization] = []
+
+        def optimize_at(a, k):
+            # Layer templates compose: each probe length is optimized from 1-3 layer
+            # proxies. Only the first length verifies with 3 layers: the layers proved
+            # interchangeable there, the later lengths still check their 1- and 2-layer
+            # graphs against the template, and build_template then demands that the
+            # three n-layer graphs agree node for node up to affine literals.
+            ks = lyr.DEFAULT_KS if not probes else (1, 2) if probes[0].layer_template else None
+            probes.append(self._capture_and_rewrite(a, k, layer_ks=ks))
+            return probes[-1].optimized
+
+        try:
+            template = lg.build_template(optimize_at, args, kwargs, self._seq_dim)
+            template.notes.append(f"probe report (L={template.lengths[0]}) follows")
+            template.probe_spec = probes[0]  # type: ignore[attr-defined]
+            calls = [lg.narrow_inputs(args, kwargs, self._seq_dim, length, p) for p in template.lengths]
+            proxy, what = self._verification_proxy(probes[0], *calls[0])
+            t0 = time.perf_counter()
+            template.stream_model = lc.fit_module(proxy, calls, template.lengths)  # type: ignore[attr-defined]
+            template.stream_proxy = (proxy, what)  # type: ignore[attr-defined]
+            template.probe_seconds += time.perf_counter() - t0
+        except lg.TemplateMismatch as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that only runs at one length
+            return None, f"the probes at L={lg.DEFAULT_PROBES} failed ({type(exc).__name__}: {_clip(str(exc))})"
+        return template, None
+
+    def _verification_proxy(self, probe: Specialization, args: tuple, kwargs: dict) -> tuple:
+        """(module, description) whose op stream stands for the model's: with a layer
+        template, the 1-layer proxy (layers 0 and 1 when layer 0 was peeled; every other
+        layer's likeness to these is the layer template's check); else the whole model."""
+        if self._layer_stack is None or not probe.layer_template:
+            return self._model, f"the whole {type(self._model).__name__}"
+        path, _ = self._layer_stack
+        entry = self._layer_templates.get(call_signature(args, kwargs))
+        layers = [0, 1] if entry is not None and entry[0].peel else [0]
+        return lyr.truncated_proxy(self._model, path, layers), f"the proxy with layers {layers} of {path}"
+
+    def _check_stream(self, template, args: tuple, kwargs: dict, length: int) -> tuple[bool, str]:
+        """(verified, what was checked or why not), cached per call signature and mode."""
+        key = (call_signature(args, kwargs), self._mode)
+        if key not in self._stream_checks:
+            proxy, what = template.stream_proxy
+            try:
+                stream = lc.verify(template.stream_model, proxy, args, kwargs, length)
+                result = (True, f"op stream of {what} verified at L={length} ({len(stream)} ops, "
+                                f"{stream.seconds:.2f} s)")
+            except lg.TemplateMismatch as exc:
+                result = (False, f"op stream of {what}: {exc}")
+            self._stream_checks[key] = result
+            while len(self._stream_checks) > self._cache_size:
+                self._stream_checks.popitem(last=False)
+        self._stream_checks.move_to_end(key)
+        return self._stream_checks[key]
 
     def _from_layer_template(self, args: tuple, kwargs: dict, ks: tuple[int, ...]) -> Specialization | None:
         """Deep models: the rewritten graph instantiated from a layer-generic template
