@@ -55,6 +55,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .capture import normalize_call
 from .length_generic import TemplateMismatch
 
 log = logging.getLogger("fxopt")
@@ -108,8 +109,10 @@ class _Recorder(TorchDispatchMode):
     """Sits above the fake mode: sees every ATen op with fake arguments, records its token,
     lets the fake mode compute the (metadata-only) result."""
 
-    def __init__(self, names: dict[int, str], stop_at: int | None = None, home: torch.device | None = None):
+    def __init__(self, names: dict[int, str], stop_at: int | None = None, home: torch.device | None = None,
+                 indexed: dict[int, int] | None = None):
         super().__init__()
+        self.indexed = indexed or {}        # id(fake param) -> its layer's index (layer streams)
         self.home = home                    # meta recording: the device "meta" stands for
         self.fake_mode = None
         self.names = names                  # id(fake param / input) -> stable name
@@ -143,6 +146,8 @@ class _Recorder(TorchDispatchMode):
             skel.append(("E", name, t.dtype, tuple(t.shape)))
         else:
             skel.append(("E", name, t.dtype, t.dim()))
+            if id(t) in self.indexed:
+                ints.append(self.indexed[id(t)])
 
     def _walk(self, a: Any, skel: list, ints: list) -> None:
         if isinstance(a, torch.Tensor):
@@ -245,7 +250,18 @@ def _home_device(args: tuple, kwargs: dict, module: torch.nn.Module) -> torch.de
     return p.device if p is not None else torch.device("cpu")
 
 
-def _run(module: torch.nn.Module, args: tuple, kwargs: dict, stop_at: int | None, how: str) -> _Recorder:
+def _layer_name(name: str, layer_path: str | None) -> tuple[str, int | None]:
+    """``layers.3.lin.weight`` -> (``layers.<i>.lin.weight``, 3) under ``layer_path="layers"``:
+    in a layer stream the layer index is a literal (affine in the layer), not part of the key."""
+    if layer_path and name.startswith(layer_path + "."):
+        idx, _, tail = name[len(layer_path) + 1:].partition(".")
+        if idx.isdigit():
+            return f"{layer_path}.<i>.{tail}", int(idx)
+    return name, None
+
+
+def _run(module: torch.nn.Module, args: tuple, kwargs: dict, stop_at: int | None, how: str,
+         layer_path: str | None = None) -> _Recorder:
     """Run ``module`` on data-free tensors under the recorder. ``how``: ``"meta"`` (meta
     tensors, C++ shape functions: fast; devices read "meta", recorded as the call's
     device) or ``"fake"`` (FakeTensorMode: every op through Python, ~4x slower, but
@@ -262,15 +278,17 @@ def _run(module: torch.nn.Module, args: tuple, kwargs: dict, stop_at: int | None
     # Data-free copies of the module's tensors: functional_call swaps them in for the call
     # and puts the module's own back; the user's tensors are never read or written.
     state = {}
-    for n, p in module.named_parameters():
-        state[n] = convert(p)
-        names[id(state[n])] = f"P:{n}"
-    for n, b in module.named_buffers():
-        state[n] = convert(b)
-        names[id(state[n])] = f"B:{n}"
+    indexed: dict[int, int] = {}
+    for kind, named in (("P", module.named_parameters()), ("B", module.named_buffers())):
+        for n, t in named:
+            state[n] = convert(t)
+            shown, idx = _layer_name(n, layer_path)
+            names[id(state[n])] = f"{kind}:{shown}"
+            if idx is not None:
+                indexed[id(state[n])] = idx
     leaves, spec = pytree.tree_flatten((args, kwargs))
     fake_leaves = [convert(x) if isinstance(x, torch.Tensor) else x for x in leaves]
-    rec = _Recorder(names, stop_at, home if how == "meta" else None)
+    rec = _Recorder(names, stop_at, home if how == "meta" else None, indexed)
     for k, x in enumerate(fake_leaves):  # the call's sizes are the stream's first literals
         if isinstance(x, torch.Tensor):
             names[id(x)] = f"I:{k}"
@@ -303,13 +321,16 @@ def _export_flags():
 
 
 def record_stream(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
-                  how: str = "meta") -> OpStream:
+                  how: str = "meta", layer_path: str | None = None) -> OpStream:
     """The ATen op stream of ``module(*args, **kwargs)`` on data-free tensors (see
     :func:`_run` for ``how``). Any failure (data-dependent control flow, a shape error,
-    a tensor the meta device cannot mix with) is a :class:`TemplateMismatch`."""
+    a tensor the meta device cannot mix with) is a :class:`TemplateMismatch`.
+    ``layer_path``: the layer stack's path, whose layer index becomes a literal
+    (``layer_check.py`` fits streams over depth)."""
     t0 = time.perf_counter()
+    args, kwargs = normalize_call(module, args, kwargs)  # what capture runs (HF: use_cache=False)
     try:
-        rec = _run(module, tuple(args), dict(kwargs or {}), None, how)
+        rec = _run(module, tuple(args), dict(kwargs or {}), None, how, layer_path)
     except Exception as exc:  # noqa: BLE001 - any failure means: cannot verify
         raise TemplateMismatch(f"recording the op stream ({how}) failed: {type(exc).__name__}: {_clip(str(exc))}") from exc
     vocab = [None] * len(rec.vocab)
@@ -321,6 +342,7 @@ def record_stream(module: torch.nn.Module, args: tuple, kwargs: dict | None = No
 def source_line(module: torch.nn.Module, args: tuple, kwargs: dict, index: int, how: str = "meta") -> str | None:
     """The model's source line that issues op ``index`` of its stream (a second recording,
     stopped at that op), or None."""
+    args, kwargs = normalize_call(module, args, kwargs)
     try:
         _run(module, tuple(args), dict(kwargs or {}), index, how)
     except _Located as loc:
@@ -532,13 +554,14 @@ class _LoopFit(TemplateMismatch):
         self.region = region
 
 
-def _fit_loop(body: list[int], where: list[tuple[int, int]], streams: list[OpStream], lengths, idx: int) -> _Loop:
+def _fit_loop(body: list[int], where: list[tuple[int, int]], streams: list[OpStream], lengths, idx: int,
+              max_lo: int = _MAX_PEEL, max_hi: int = _MAX_PEEL) -> _Loop:
     counts = [k for _, k in where]
     loop = _Loop(list(body), _affine(list(zip(lengths, counts)), lambda: f"the iteration count of loop {idx}"))
     P = len(body)
     last = None
-    for lo in range(_MAX_PEEL + 1):
-        for hi in range(_MAX_PEEL + 1):
+    for lo in range(max_lo + 1):
+        for hi in range(max_hi + 1):
             cores = [k - lo - hi for k in counts]
             if min(cores) < 1 or max(cores) < 2:
                 continue
@@ -585,10 +608,13 @@ def _fit_loop_peeled(loop: _Loop, P: int, where, streams, lengths, lo: int, hi: 
     return loop
 
 
-def fit_streams(streams: Sequence[OpStream], lengths: Sequence[int]) -> StreamModel:
+def fit_streams(streams: Sequence[OpStream], lengths: Sequence[int], *, max_lo: int = _MAX_PEEL,
+                max_hi: int = _MAX_PEEL) -> StreamModel:
     """The :class:`StreamModel` of the op streams recorded at the probe ``lengths``
     (ascending; three of them: the structure and every literal are fitted on two and
-    must predict the third)."""
+    must predict the third). ``max_lo`` / ``max_hi``: how many leading / trailing
+    iterations of a loop may have literals off its line (``layer_check.py`` allows
+    fewer)."""
     lengths = tuple(lengths)
     if len(lengths) < 3 or list(lengths) != sorted(set(lengths)):
         raise TemplateMismatch(f"fitting an op stream needs three or more ascending probe lengths, got {lengths}")
@@ -600,7 +626,7 @@ def fit_streams(streams: Sequence[OpStream], lengths: Sequence[int]) -> StreamMo
     while True:
         regions = [c[i] for c, i in zip(cands, choice)]
         try:
-            return _fit(vocab, seqs, streams, lengths, regions)
+            return _fit(vocab, seqs, streams, lengths, regions, max_lo, max_hi)
         except _LoopFit as exc:
             # a period that tiles the ops but not the literals (a body [A, A] whose two
             # A's read different tensors): try that loop's next longer period
@@ -610,14 +636,14 @@ def fit_streams(streams: Sequence[OpStream], lengths: Sequence[int]) -> StreamMo
             choice[r] += 1
 
 
-def _fit(vocab, seqs, streams, lengths, regions) -> StreamModel:
+def _fit(vocab, seqs, streams, lengths, regions, max_lo: int = _MAX_PEEL, max_hi: int = _MAX_PEEL) -> StreamModel:
     pieces = _pieces(seqs[-1], regions)
     parses = [_parse(seq, pieces, L) for seq, L in zip(seqs, lengths)]
     out, loops = [], 0
     for n, (kind, toks) in enumerate(pieces):
         where = [p[n] for p in parses]
         if kind == "loop":
-            out.append(_fit_loop(toks, where, streams, lengths, loops))
+            out.append(_fit_loop(toks, where, streams, lengths, loops, max_lo, max_hi))
             loops += 1
             continue
         coeffs = []

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from . import layer_check
 from . import layer_generic as lyr
 from . import length_check as lc
 from . import length_generic as lg
@@ -364,6 +365,11 @@ class OptimizedModule(torch.nn.Module):
 
             try:
                 template = lyr.build_layer_template(optimize_at, self._model, args, kwargs, path, n, ks)
+                # Every layer's op stream, once per template family: the later probe lengths of
+                # a length template build theirs with fewer proxies (ks) against this one.
+                template.stream_note = (layer_check.check_all_layers(  # type: ignore[attr-defined]
+                    self._model, path, n, lyr.PEEL if template.peel else 0, args, kwargs)
+                    if tuple(ks) == lyr.DEFAULT_KS else "all layers' op streams verified at the first probe length")
                 used = [probes[k] for k in template.ks]
                 entry = (template, lyr.scale_report([p.report for p in used], template.ks, n),
                          [p.original for p in used])
@@ -387,7 +393,7 @@ class OptimizedModule(torch.nn.Module):
                   f"layer 0 differs: {_clip(template.peel_reason)})" if template.peel else "")
         report.notes = [
             f"layer-generic: graph for the {n} layers of {path} instantiated from captures with "
-            f"{list(template.ks)} of them{peeled}; probes took {template.probe_seconds:.2f} s, instantiation "
+            f"{list(template.ks)} of them{peeled}; {template.stream_note}; probes took {template.probe_seconds:.2f} s, instantiation "
             f"{time.perf_counter() - t0:.2f} s; matches and node counts are extrapolated to {n} layers, "
             "times are the probes'"]
 

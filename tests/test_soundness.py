@@ -190,25 +190,27 @@ def test_opt_to_dtype_moves_the_model():
 
 # ---------------------------------------------------------------- item 7: threads
 
-@pytest.fixture
-def one_intra_op_thread():
-    # CPU GEMMs pick their blocking (and so their summation order) by the threads free at the
-    # time: with callers competing for 2 cores, bits would vary with scheduling, fxopt or not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _in_a_thread(fn):
+    box = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
 
 
-def test_eight_threads_several_shapes(one_intra_op_thread):
+def test_eight_threads_several_shapes():
     model = tiny_gpt_neox(parallel_residual=True).eval()
     opt = fxopt.optimize(model, (_ids(1, 8),), cache_size=32)
     shapes = [(1, 5), (2, 9), (1, 12), (2, 17)]
     inputs = {(i, s): _ids(*s, seed=i) for i in range(8) for s in shapes}
-    # The reference: the same optimized graphs, one thread (the default passes are not all bitwise).
+    # The reference: the same optimized graphs, one call at a time, in a fresh thread too.
     single = fxopt.optimize(model, (_ids(1, 8),), cache_size=32)
-    with torch.no_grad():
-        ref = {k: single(x).logits for k, x in inputs.items()}
+
+    def reference():
+        with torch.no_grad():
+            return {k: single(x).logits for k, x in inputs.items()}
+
+    ref = _in_a_thread(reference)
     out, errors = {}, []
 
     def work(i):
@@ -226,7 +228,10 @@ def test_eight_threads_several_shapes(one_intra_op_thread):
         t.join()
     assert errors == []
     for k in inputs:
-        assert torch.equal(out[k], ref[k]), k
+        # Not bitwise: torch's own CPU attention with an explicit mask (what capture produces)
+        # splits its work by the OpenMP threads free at the time, concurrent or not fxopt's
+        # graphs (even the cleanup-only graph differs by ~3e-7 between lone and concurrent calls).
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5, msg=str(k))
     # Nothing global was left corrupted: the eager model and a fresh optimize still work.
     x = _ids(1, 7)
     with torch.no_grad():
@@ -373,3 +378,42 @@ def test_generate_and_cache_bytes_are_methods():
     ref = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref)
     assert opt.cache_bytes(2, 40) == fxopt.runtime.cache_bytes(opt, 2, 40) > 0
+
+
+class IndexedBlock(nn.Module):
+    def __init__(self, d: int, idx: int):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.layer_idx = idx  # an index attribute, as HF layers have
+
+    def forward(self, h):
+        h = h + torch.relu(self.lin(h))
+        if self.layer_idx == 1:  # code that branches on the index, in a layer no proxy holds
+            h = h * 2
+        return h
+
+
+class IndexedStack(Stack):
+    def __init__(self, n: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([IndexedBlock(16, i) for i in range(n)])
+
+
+def test_a_branch_on_the_layer_index_in_an_unprobed_layer_is_seen():
+    model = IndexedStack().eval()
+    ids = _ids(2, 5, vocab=32)
+    opt = fxopt.optimize(model, (ids,), passes="cleanup")
+    torch.testing.assert_close(opt(ids), model(ids), rtol=0, atol=0)
+    notes = " ".join(opt.report().notes)
+    assert "layer-generic template not used" in notes and "op stream" in notes, notes
+
+
+def test_layer_template_notes_say_all_layers_were_verified():
+    model = tiny_gpt_neox(num_hidden_layers=6).eval()
+    ids = _ids(1, 8)
+    opt = fxopt.optimize(model, (ids,))
+    notes = " ".join(opt.report().notes)
+    assert "op stream of all 6 layers verified" in notes, notes
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
