@@ -21,7 +21,8 @@ def is_kernel_object(obj) -> bool:
 
 
 def _called_kernels(fn) -> list:
-    """The jit functions ``fn``'s body names (globals and ``module.name`` attributes)."""
+    """The jit functions of fxopt that ``fn``'s body names (globals and ``module.name``
+    attributes; Triton's own library functions are not repeated)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     out, g = [], fn.__globals__
     for node in ast.walk(tree):
@@ -30,7 +31,8 @@ def _called_kernels(fn) -> list:
             obj = g.get(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             obj = getattr(g.get(node.value.id), node.attr, None)
-        if obj is not None and is_kernel_object(obj) and obj not in out:
+        if obj is not None and is_kernel_object(obj) and obj not in out and \
+                _python_function(obj).__module__.split(".")[0] == "fxopt":
             out.append(obj)
     return out
 

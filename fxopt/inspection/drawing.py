@@ -129,7 +129,7 @@ def region_html(rw: Rewrite, bidx: dict[str, Node], aidx: dict[str, Node], max_n
     before = _loop_side(bidx, rw) if loop else _region_side(bidx, rw.removed, "rm", max_nodes)
     after = _region_side(aidx, rw.added, "new", max_nodes)
     return (
-        f'<div class=region><div class=t><b>{esc(rw.summary)}</b> <span class=muted>(pass {esc(rw.pass_name)})</span>'
+        f'<div class=region><div class=t><b>{esc(rw.summary).replace(" -&gt; ", " → ")}</b> <span class=muted>(pass {esc(rw.pass_name)})</span>'
         f" {len(rw.removed)} → {len(rw.added)} nodes{src}</div>"
         f'<div class=pair><div><div class=lbl>before</div>{before}</div>'
         f'<div><div class=lbl>after</div>{after}</div></div></div>'

@@ -148,7 +148,7 @@ def _rows_html(rows: list[Row], group: str, owner: dict[str, Rewrite]) -> list[s
         hist = ", ".join(f"{esc(k)} ×{v}" for k, v in ops.most_common(6))
         inner = "".join(_row_html(r, group, rw) for r in members)
         out[at[key]] = (
-            f'<tr class="rm row"><td>−</td><td colspan=6><details><summary><b>{esc(rw.summary)}</b> '
+            f'<tr class="rm row"><td>−</td><td colspan=6><details><summary><b>{esc(rw.summary).replace(" -&gt; ", " → ")}</b> '
             f'<span class=muted>({len(members)} nodes removed: {hist})</span></summary>'
             f"<table>{inner}</table></details></td></tr>"
         )
