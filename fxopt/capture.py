@@ -188,7 +188,7 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
             "wrap a plain function with fxopt.capture_function(fn, example_args)"
         )
     args, kwargs = normalize_call(model, args, kwargs)
-    configure_logging()
+    configure_logging(get_config())
     t0 = time.perf_counter()
     with _heartbeat(f"capturing {type(model).__name__}"):
         try:

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from . import logs
+
 SCAN_EXP_CHOICES = ("auto", "fma", "sfu")
 BACKENDS = ("triton", "cuda", "torch")
 
@@ -162,9 +164,5 @@ def scan_exp_raw() -> str:
 def debug_log(level: int, msg: str, logger: str = "fxopt") -> None:
     """Log ``msg`` on the ``fxopt`` logger: level 1 at INFO, 2 and up at DEBUG (kept for code
     written against the old FXOPT_DEBUG printer; new code logs through :mod:`fxopt.logs`)."""
-    from .logs import configure, level_for
-
-    configure()
-    import logging
-
-    logging.getLogger(logger).log(level_for(level) or logging.INFO, "%s", msg)
+    logs.configure(get_config())
+    logs.logging.getLogger(logger).log(logs.level_for(level) or logs.logging.INFO, "%s", msg)

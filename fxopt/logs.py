@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .config import Config, get_config
+from typing import Any
 
 __all__ = ["LOGGER", "configure", "level_for", "progress_logger"]
 
@@ -46,9 +46,10 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure(cfg: Config | None = None) -> None:
-    """Apply FXOPT_DEBUG to the ``fxopt`` logger (idempotent; cheap enough per pass run)."""
-    cfg = cfg or get_config()
+def configure(cfg: Any) -> None:
+    """Apply FXOPT_DEBUG (``cfg.debug`` of a :class:`fxopt.config.Config`) to the ``fxopt``
+    logger (idempotent; cheap enough per pass run). This module reads no configuration itself:
+    :mod:`fxopt.config` imports it."""
     level = level_for(cfg.debug)
     if level is None:
         if _state["level"] is not None:  # undo only what FXOPT_DEBUG did, never the user's settings
@@ -66,10 +67,10 @@ def configure(cfg: Config | None = None) -> None:
         LOGGER.addHandler(_state["handler"])
 
 
-def progress_logger(cfg: Config | None = None) -> logging.Logger:
-    """``fxopt.progress``: heartbeats of long captures at INFO. With FXOPT_PROGRESS on (default:
-    when stderr is a terminal) and no handler configured anywhere, they go to stderr."""
-    cfg = cfg or get_config()
+def progress_logger(cfg: Any) -> logging.Logger:
+    """``fxopt.progress``: heartbeats of long captures at INFO. With FXOPT_PROGRESS on
+    (``cfg.progress``; default: when stderr is a terminal) and no handler configured anywhere,
+    they go to stderr."""
     log = logging.getLogger("fxopt.progress")
     if cfg.progress and _state["progress_handler"] is None and not log.hasHandlers():
         h = _state["progress_handler"] = _StderrHandler()
