@@ -59,7 +59,7 @@ from typing import Callable, TypeVar
 from ..config import get_config
 from ..errors import CodegenError
 
-log = logging.getLogger("fxopt.codegen.cache")
+log = logging.getLogger("fxopt")  # tests and users filter its warnings by this name
 
 _MODULES: dict[str, types.ModuleType] = {}
 _EXTENSIONS: dict[str, object] = {}
