@@ -32,6 +32,13 @@ SHAPES = [(1, 1, 2560), (1, 2048, 2560), (8, 2048, 2560)]
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+
+def _refresh_config() -> None:
+    """After changing an FXOPT_* variable: launch paths read fxopt.config's process snapshot."""
+    from fxopt import config
+
+    config.refresh()
+
 def _sync():
     torch.cuda.synchronize()
 
@@ -194,6 +201,7 @@ def chain_bench(backends, bw: float, quick: bool) -> list[dict]:
             ref = eager()
             for backend in backends:
                 os.environ["FXOPT_BACKEND"] = backend
+                _refresh_config()
 
                 def fused():  # what a rewritten graph calls
                     return fused_add.fused_add_tree(xs, TREE)
@@ -212,6 +220,7 @@ def chain_bench(backends, bw: float, quick: bool) -> list[dict]:
                 except Exception as exc:
                     row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             os.environ["FXOPT_BACKEND"] = "triton"
+            _refresh_config()
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -281,8 +290,10 @@ def e2e(skip_compile: bool, quick: bool, variants=("residual_add", "compile", "d
                 if passes == ["residual_add"]:
                     # is the kernel faithful? the same graph with the tree evaluated by ATen
                     os.environ["FXOPT_BACKEND"] = "torch"
+                    _refresh_config()
                     out_aten = opt(ids, use_cache=False).logits
                     os.environ["FXOPT_BACKEND"] = "triton"
+                    _refresh_config()
                     res[f"{label}_triton_bit_equal_vs_aten_tree"] = same_bits(out, out_aten)
                 res[f"{label}_ms"] = time_events(lambda: opt(ids, use_cache=False), iters, warmup=2) * 1e3
             try:
@@ -294,6 +305,7 @@ def e2e(skip_compile: bool, quick: bool, variants=("residual_add", "compile", "d
             traceback.print_exc()
         finally:
             os.environ["FXOPT_BACKEND"] = "triton"
+            _refresh_config()
         print(json.dumps({k: v for k, v in res.items() if k.startswith(label)}), flush=True)
 
     if "nopass" in variants:

@@ -39,6 +39,13 @@ SHAPES = [(1, 2048, 1536, 16), (4, 2048, 5120, 16), (1, 512, 1536, 16)]
 PEER_MS = {(1, 2048, 1536, 16): 0.127, (4, 2048, 5120, 16): 1.38, (1, 512, 1536, 16): 0.047}
 
 
+
+def _refresh_config() -> None:
+    """After changing an FXOPT_* variable: launch paths read fxopt.config's process snapshot."""
+    from fxopt import config
+
+    config.refresh()
+
 def make_inputs(b, L, d, n, dtype=torch.float32, device="cuda", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     u = torch.randn(b, d, L, device=device, generator=g).to(dtype)
@@ -114,6 +121,7 @@ def kernel_rows(args, bw):
             alt = "fma" if cfg.get("exp") == "sfu" else "sfu"
             prev = os.environ.get("FXOPT_SCAN_EXP")
             os.environ["FXOPT_SCAN_EXP"] = alt
+            _refresh_config()
             try:
                 y, _ = st.selective_scan(*x)
                 row["alt_exp"] = alt
@@ -124,8 +132,10 @@ def kernel_rows(args, bw):
             finally:
                 if prev is None:
                     os.environ.pop("FXOPT_SCAN_EXP")
+                    _refresh_config()
                 else:
                     os.environ["FXOPT_SCAN_EXP"] = prev
+                    _refresh_config()
             if not args.skip_eager and dtype == torch.float32:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

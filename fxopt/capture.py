@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
-import sys
 import threading
 import time
 import traceback
@@ -27,8 +27,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from .config import debug_log, get_config
+from .config import get_config
+from .logs import configure as configure_logging, progress_logger
 from .errors import CaptureError
+
+log = logging.getLogger("fxopt.capture")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # One capture at a time in this process: torch.export installs process-wide tracing state
@@ -164,15 +167,17 @@ def _translate(exc: BaseException, model: torch.nn.Module) -> CaptureError:
 def _heartbeat(label: str):
     """Print elapsed time every few seconds while a long capture runs (captures of
     unrolled loops can take a while; silence looks like a hang)."""
-    if not get_config().progress:
+    cfg = get_config()
+    if not cfg.progress:
         yield
         return
+    plog = progress_logger(cfg)
     stop = threading.Event()
     t0 = time.perf_counter()
 
     def beat():
         while not stop.wait(5.0):
-            print(f"[fxopt] {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            plog.info("%s: %.0f s", label, time.perf_counter() - t0)
 
     th = threading.Thread(target=beat, daemon=True)
     th.start()
@@ -200,6 +205,7 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
         )
     user_kwargs = dict(kwargs or {})
     args, kwargs = normalize_call(model, args, kwargs)
+    configure_logging(get_config())
     t0 = time.perf_counter()
     with CAPTURE_LOCK, _heartbeat(f"capturing {type(model).__name__}"):
         try:
@@ -208,8 +214,7 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - every export failure becomes one clear error
-            if get_config().debug:
-                traceback.print_exc()
+            log.info("torch.export failed on %s", type(model).__name__, exc_info=True)  # FXOPT_DEBUG=1 shows it
             raise _translate(exc, model) from exc
     _drop_shape_guards(gm)
     extra = {k: v for k, v in kwargs.items() if k not in user_kwargs}
@@ -217,7 +222,7 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) 
         _drop_inputs(gm, args, kwargs, user_kwargs, extra)
     gm.meta["fxopt_capture_seconds"] = time.perf_counter() - t0
     gm.meta["fxopt_model"] = type(model).__name__
-    debug_log(1, f"captured {type(model).__name__}: {len(gm.graph.nodes)} nodes in {gm.meta['fxopt_capture_seconds']:.2f} s")
+    log.info("captured %s: %d nodes in %.2f s", type(model).__name__, len(gm.graph.nodes), gm.meta["fxopt_capture_seconds"])
     return gm
 
 

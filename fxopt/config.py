@@ -1,18 +1,30 @@
 """The one place where fxopt reads its environment.
 
-Every knob is read when asked for (not at import), so tests can set variables with
-``monkeypatch.setenv`` and see the effect immediately.
+:func:`read_environment` is the only code in fxopt that reads ``os.environ`` (a test walks the
+package to keep it so); everything else asks for a :class:`Config` snapshot:
+
+* :func:`get_config` -- a fresh snapshot, read when asked for (not at import), so
+  ``monkeypatch.setenv`` shows at the next call. Entry points (optimize, capture, the pass
+  manager, the kernel cache) use it.
+* :func:`current` -- the process snapshot for hot paths (every fused-kernel launch keys its
+  launcher on the backend and the scan's exp mode; re-reading the environment there would cost
+  as much as the rest of the launch key). Taken on first use; :func:`refresh` re-takes it after
+  ``os.environ`` was changed in-process (benchmarks that switch backends between runs do).
 
 | variable                    | meaning                                              | default              |
 |-----------------------------|------------------------------------------------------|----------------------|
-| FXOPT_DEBUG                 | 0 quiet, 1 pass summaries, 2 per-rule detail, 3 dumps | 0                    |
-| FXOPT_DUMP_DIR              | where debug dumps (graphs, kernel source) go         | unset (no dumps)     |
+| FXOPT_DEBUG                 | log level of the ``fxopt`` logger: 0 warnings only,  | 0                    |
+|                             | 1 INFO (pass summaries), 2 DEBUG (rule rejections,   |                      |
+|                             | cycle checks), 3 DEBUG plus graph dumps (below)      |                      |
+| FXOPT_DUMP_DIR              | dump each pass's graph after each pass that changed  | unset (no dumps;     |
+|                             | it: ``<dir>/<run>/<nn>_<pass>.txt``                  | FXOPT_DEBUG=3: cache |
+|                             |                                                      | dir/dumps)           |
 | FXOPT_CACHE_DIR             | on-disk kernel cache                                 | ~/.cache/fxopt       |
 | FXOPT_BACKEND               | codegen backend: triton, cuda, torch                 | triton               |
 | FXOPT_SHAPE_CACHE_SIZE      | specialisations kept per OptimizedModule             | 8                    |
 | FXOPT_FUZZ_EXAMPLES         | examples for the fuzz tests                          | 200                  |
 | FXOPT_HYPOTHESIS_PROFILE    | hypothesis profile for the tests (ci, dev)           | ci                   |
-| FXOPT_PROGRESS              | print capture progress for long captures (0/1)       | 1 when stderr is tty |
+| FXOPT_PROGRESS              | log capture progress for long captures (0/1)         | 1 when stderr is tty |
 | FXOPT_SCAN_EXP              | exp(delta A) in the GPU selective scan: auto (sfu    | auto                 |
 |                             | on GPUs where its bias correction was calibrated:    |                      |
 |                             | sm_90; fma elsewhere), fma (FMA-pipe polynomial,     |                      |
@@ -20,6 +32,9 @@ Every knob is read when asked for (not at import), so tests can set variables wi
 |                             | sfu (the special-function unit, bias-corrected:      |                      |
 |                             | within the contract as measured, ~1.5x faster at     |                      |
 |                             | large sizes); see fxopt/codegen/exp2.py              |                      |
+| CUDA_HOME / CUDA_PATH       | where nvcc is looked for (then /usr/local/cuda, PATH)| unset                |
+| TRITON_INTERPRET            | Triton's interpreter (read here for fxopt's own      | unset                |
+|                             | interpreter workarounds; Triton reads it itself)     |                      |
 """
 from __future__ import annotations
 
@@ -27,18 +42,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
+from . import logs
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:  # a clear message beats a ValueError from deep inside
-        from .errors import FxoptError
-
-        raise FxoptError(f"environment variable {name}={raw!r} must be an integer") from exc
+SCAN_EXP_CHOICES = ("auto", "fma", "sfu")
+BACKENDS = ("triton", "cuda", "torch")
 
 
 @dataclass(frozen=True)
@@ -52,33 +61,32 @@ class Config:
     hypothesis_profile: str
     progress: bool
     scan_exp: str
+    cuda_home: Path | None = None  # CUDA_HOME, else CUDA_PATH
+    triton_interpret: bool = False
+
+    @property
+    def dumps(self) -> Path | None:
+        """Where pass-by-pass graph dumps go: FXOPT_DUMP_DIR, or with FXOPT_DEBUG=3 and no
+        FXOPT_DUMP_DIR ``<cache dir>/dumps``; None: no dumps."""
+        if self.dump_dir is not None:
+            return self.dump_dir
+        return self.cache_dir / "dumps" if self.debug >= 3 else None
 
 
-def get_config() -> Config:
-    dump = os.environ.get("FXOPT_DUMP_DIR")
-    cache = os.environ.get("FXOPT_CACHE_DIR") or str(Path.home() / ".cache" / "fxopt")
-    progress_env = os.environ.get("FXOPT_PROGRESS")
-    progress = sys.stderr.isatty() if progress_env is None else progress_env not in ("0", "", "false")
-    return Config(
-        debug=_int("FXOPT_DEBUG", 0),
-        dump_dir=Path(dump) if dump else None,
-        cache_dir=Path(cache),
-        backend=backend(),
-        shape_cache_size=max(1, _int("FXOPT_SHAPE_CACHE_SIZE", 8)),
-        fuzz_examples=_int("FXOPT_FUZZ_EXAMPLES", 200),
-        hypothesis_profile=os.environ.get("FXOPT_HYPOTHESIS_PROFILE", "ci"),
-        progress=progress,
-        scan_exp=scan_exp(),
-    )
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:  # a clear message beats a ValueError from deep inside
+        from .errors import FxoptError
+
+        raise FxoptError(f"environment variable {name}={raw!r} must be an integer") from exc
 
 
-SCAN_EXP_CHOICES = ("auto", "fma", "sfu")
-
-
-def scan_exp() -> str:
-    """FXOPT_SCAN_EXP: how the GPU selective-scan kernel evaluates exp(delta A) (read per call;
-    ``auto`` is resolved per device by :func:`fxopt.codegen.scan_gluon.resolve_exp`)."""
-    raw = os.environ.get("FXOPT_SCAN_EXP", "auto").strip().lower() or "auto"
+def _scan_exp(env: Mapping[str, str]) -> str:
+    raw = env.get("FXOPT_SCAN_EXP", "auto").strip().lower() or "auto"
     if raw not in SCAN_EXP_CHOICES:
         from .errors import FxoptError
 
@@ -86,40 +94,75 @@ def scan_exp() -> str:
     return raw
 
 
-# FXOPT_BACKEND is read on every fused-kernel launch (so a benchmark can switch
-# backends between runs). os.environ.get costs ~1.5 us, as much as the rest of the
-# launch key, so the hot path reads os.environ's underlying dict directly.
-try:
-    _ENV_DATA = os.environ._data  # type: ignore[attr-defined]
-    _BACKEND_KEY = os.environ.encodekey("FXOPT_BACKEND")  # type: ignore[attr-defined]
+def read_environment(env: Mapping[str, str] | None = None) -> Config:
+    """A snapshot of every knob from ``env`` (default: ``os.environ``). The only reader."""
+    env = os.environ if env is None else env
+    dump = env.get("FXOPT_DUMP_DIR")
+    cache = env.get("FXOPT_CACHE_DIR") or str(Path.home() / ".cache" / "fxopt")
+    progress_env = env.get("FXOPT_PROGRESS")
+    progress = sys.stderr.isatty() if progress_env is None else progress_env not in ("0", "", "false")
+    cuda = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    return Config(
+        debug=_int(env, "FXOPT_DEBUG", 0),
+        dump_dir=Path(dump) if dump else None,
+        cache_dir=Path(cache),
+        backend=env.get("FXOPT_BACKEND", "triton"),
+        shape_cache_size=max(1, _int(env, "FXOPT_SHAPE_CACHE_SIZE", 8)),
+        fuzz_examples=_int(env, "FXOPT_FUZZ_EXAMPLES", 200),
+        hypothesis_profile=env.get("FXOPT_HYPOTHESIS_PROFILE", "ci"),
+        progress=progress,
+        scan_exp=_scan_exp(env),
+        cuda_home=Path(cuda) if cuda else None,
+        triton_interpret=env.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False"),
+    )
 
-    def backend_raw():
-        """FXOPT_BACKEND as stored (bytes or None): a cheap cache-key component."""
-        return _ENV_DATA.get(_BACKEND_KEY)
-except AttributeError:  # pragma: no cover - non-CPython
 
-    def backend_raw():
-        return os.environ.get("FXOPT_BACKEND")
+def get_config() -> Config:
+    """The environment as it is now (a fresh snapshot)."""
+    return read_environment()
 
 
-try:
-    _SCAN_EXP_KEY = os.environ.encodekey("FXOPT_SCAN_EXP")  # type: ignore[attr-defined]
+_CURRENT: Config | None = None
 
-    def scan_exp_raw():
-        """FXOPT_SCAN_EXP as stored (bytes or None): a cheap cache-key component."""
-        return _ENV_DATA.get(_SCAN_EXP_KEY)
-except (AttributeError, NameError):  # pragma: no cover - non-CPython
 
-    def scan_exp_raw():
-        return os.environ.get("FXOPT_SCAN_EXP")
+def current() -> Config:
+    """The process snapshot hot paths read (taken on first use; see :func:`refresh`)."""
+    cfg = _CURRENT
+    return cfg if cfg is not None else refresh()
+
+
+def refresh() -> Config:
+    """Re-read the environment into the process snapshot (after changing ``os.environ``)."""
+    global _CURRENT
+    _CURRENT = read_environment()
+    return _CURRENT
+
+
+def scan_exp() -> str:
+    """FXOPT_SCAN_EXP as set now: how the GPU selective-scan kernel evaluates exp(delta A)
+    (``auto`` is resolved per device by :func:`fxopt.codegen.scan_config.resolve_exp`)."""
+    return get_config().scan_exp
 
 
 def backend() -> str:
-    """The codegen backend: triton (default), cuda or torch."""
-    return os.environ.get("FXOPT_BACKEND", "triton")
+    """FXOPT_BACKEND as set now: triton (default), cuda or torch."""
+    return get_config().backend
 
 
-def debug_log(level: int, msg: str) -> None:
-    """Print ``msg`` to stderr when FXOPT_DEBUG >= level."""
-    if get_config().debug >= level:
-        print(f"[fxopt] {msg}", file=sys.stderr)
+def backend_raw() -> str:
+    """The launch paths' backend (the process snapshot): a cheap cache-key component."""
+    cfg = _CURRENT
+    return (cfg if cfg is not None else refresh()).backend
+
+
+def scan_exp_raw() -> str:
+    """The launch paths' FXOPT_SCAN_EXP (the process snapshot): a cheap cache-key component."""
+    cfg = _CURRENT
+    return (cfg if cfg is not None else refresh()).scan_exp
+
+
+def debug_log(level: int, msg: str, logger: str = "fxopt") -> None:
+    """Log ``msg`` on the ``fxopt`` logger: level 1 at INFO, 2 and up at DEBUG (kept for code
+    written against the old FXOPT_DEBUG printer; new code logs through :mod:`fxopt.logs`)."""
+    logs.configure(get_config())
+    logs.logging.getLogger(logger).log(logs.level_for(level) or logs.logging.INFO, "%s", msg)

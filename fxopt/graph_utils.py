@@ -9,6 +9,24 @@ import torch.fx
 from torch.fx.node import Node, map_arg
 
 PROVENANCE_KEY = "fxopt_provenance"
+# graph_module.meta[ERASED_KEY]: {name of an erased node: {"rule", "pass", "source", "anchor"}} --
+# which rewrite erased each node the rewrite engine removed (new nodes carry PROVENANCE_KEY; the
+# nodes a rewrite consumed or left dead are gone, so their attribution lives on the module).
+ERASED_KEY = "fxopt_erased_by"
+
+
+def is_input_guard(node: Node) -> bool:
+    """export's input-shape guard (a ``call_module _guards_fn`` node): a check of the call's
+    inputs, not part of the computation; graphs instantiated from templates drop it."""
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def node_count(graph) -> int:
+    """The nodes of a graph (or GraphModule) that report and inspection count: all but export's
+    input-shape guard, so a captured graph and one instantiated from a template (which has no
+    guard) are counted alike."""
+    graph = graph.graph if isinstance(graph, torch.fx.GraphModule) else graph
+    return len(graph.nodes) - sum(1 for n in graph.find_nodes(op="call_module") if is_input_guard(n))
 
 
 def op_name(node: Node) -> str:

@@ -9,8 +9,10 @@ which overrides only that field of the loaded profile.
 """
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 
+from fxopt import config
 from fxopt.config import get_config
 
 settings.register_profile(
@@ -33,3 +35,11 @@ _profile = get_config().hypothesis_profile
 if _profile not in ("ci", "dev"):
     raise RuntimeError(f"FXOPT_HYPOTHESIS_PROFILE={_profile!r}: expected 'ci' or 'dev'")
 settings.load_profile(_profile)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config_snapshot():
+    """Launch paths read fxopt.config.current(), a process snapshot of the environment: retake
+    it after each test, so a test's monkeypatched FXOPT_* variables do not leak into the next."""
+    yield
+    config.refresh()

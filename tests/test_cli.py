@@ -158,7 +158,7 @@ def test_inspect_factory_with_user_pass(tmp_path, capsys, factory_module):
     diff = (out / "diff.txt").read_text()
     assert "rewrites (4)" in diff and "[add3] (pass cli_test_add3) @ layers.0" in diff
     html_text = (out / "graph.html").read_text()
-    assert "<span class=g>layers.3</span>" in html_text and 'class="new"' in html_text
+    assert "<span class=g>layers.3</span>" in html_text and 'class="new row"' in html_text  # rows carry "row" for the search filter
     assert "cli_test_add3" in (out / "report.txt").read_text()
 
 

@@ -160,12 +160,12 @@ def test_launcher_cached_per_specialisation(monkeypatch):
     assert len(atl._LAUNCHERS) == 5
     monkeypatch.setattr(fused_add, "FAST_PATH_ON_CPU", True)
     with torch.no_grad():
-        (out,) = fused_add.fused_add_tree(xs, TREES[0])  # FXOPT_BACKEND as set: a key of its own
-    assert len(atl._LAUNCHERS) == 6
+        (out,) = fused_add.fused_add_tree(xs, TREES[0])  # FXOPT_BACKEND as configured (triton): l1's key
+    assert len(atl._LAUNCHERS) == 5 and atl.launcher_for(xs, TREES[0]) is l1
     bitwise.check((xs[0] + xs[1]) + xs[2], out)
     with torch.no_grad():
         fused_add.fused_add_tree([x.clone() for x in xs], TREES[0])
-    assert len(atl._LAUNCHERS) == 6
+    assert len(atl._LAUNCHERS) == 5
 
 
 # ----------------------------------------------------------------------------- CUDA C

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx
 
-from fxopt.graph_utils import PROVENANCE_KEY, mark_provenance, propagate_meta
+from fxopt.graph_utils import PROVENANCE_KEY, mark_provenance, node_count, propagate_meta
 from fxopt.inspection import (
     GraphDiff,
     format_graph,
@@ -107,7 +107,8 @@ def parse_html(text: str) -> WellFormed:
 
 def assert_self_contained(text: str, parsed: WellFormed) -> None:
     for tag, attrs in parsed.attrs:
-        assert tag not in ("script", "link", "img", "iframe"), f"external-capable tag <{tag}>"
+        assert tag not in ("link", "img", "iframe"), f"external-capable tag <{tag}>"
+        assert tag != "script" or "src" not in attrs, "a script from elsewhere"
         for k in ("src", "href"):
             v = attrs.get(k)
             if v is not None:
@@ -202,7 +203,8 @@ def test_listing_has_shapes_modules_and_provenance(neox_pair):
     before, after = neox_pair
     text = format_graph(after)
     lines = text.splitlines()
-    assert lines[0].startswith(f"# {len(after.graph.nodes)} nodes")
+    assert lines[0].startswith(f"# {node_count(after)} nodes")  # export's input guard is not counted
+    assert "input-shape guard (not counted)" in lines[0]
     # one line per node plus headers
     assert sum(1 for l in lines if not l.startswith("#")) == len(after.graph.nodes)
     emb = next(l for l in lines if l.strip().startswith("embedding ="))
@@ -240,7 +242,8 @@ def test_diff_counts_hand_rewrite(neox_pair):
     before, after = neox_pair
     d = graph_diff(before, after)
     assert isinstance(d, GraphDiff)
-    assert d.before_nodes == len(before.graph.nodes) and d.after_nodes == len(after.graph.nodes)
+    assert d.before_nodes == node_count(before) == len(before.graph.nodes) - 1  # the _guards_fn guard
+    assert d.after_nodes == node_count(after)
     assert sorted(d.removed) == ["add_10", "add_5", "add_6", "add_9"]
     assert d.added == ["fused_add3", "fused_add3_1"]
     assert len(d.rewrites) == 2
@@ -279,8 +282,9 @@ def test_diff_identical_and_dead_code(neox_pair):
     after.erase_node(last)
     d = graph_diff(g, after)
     assert d.removed == [last.name] and d.added == [] and d.unattributed_removed == [last.name]
-    assert "(no rule: dead code)" in d.summary()
-    assert "[dead code]" in str(d)
+    # a hand edit outside the rewrite engine kept no record: said so, not lumped into a rule
+    assert "(no record: removed outside the rewrite engine)" in d.summary()
+    assert "[no record]" in str(d)
 
 
 def test_diff_rewritten_in_place():
@@ -314,8 +318,8 @@ def test_html_well_formed_highlighted_grouped(neox_pair):
     assert "my report table" in text
     # new nodes highlighted, removed ones present and marked
     assert "n-fused_add3" in p.ids and "n-fused_add3_1" in p.ids
-    rows = {(tag, cls) for tag, cls in p.classes if tag == "tr"}
-    assert ("tr", "new") in rows and ("tr", "rm") in rows and ("tr", "rw") in rows
+    rows = {c for tag, cls in p.classes if tag == "tr" for c in cls.split()}
+    assert {"new", "rm", "rw", "row"} <= rows
     for name in ("add_5", "add_6", "add_9", "add_10"):
         assert f"n-{name}-rm" in p.ids
     # grouped by layer, each a <details>
@@ -327,7 +331,7 @@ def test_html_well_formed_highlighted_grouped(neox_pair):
     assert "add.Tensor" in text and "#f6c4c4" in text and "#bde9bd" in text
     # the changed layer groups are marked, the first one open
     details = [a for t, a in p.attrs if t == "details" and a.get("id")]
-    chg = [a for a in details if a.get("class") == "chg"]
+    chg = [a for a in details if "chg" in a.get("class", "").split()]
     assert len(chg) == 2 and "open" in chg[0] and "open" not in chg[1]
     # groups appear in model order
     i_emb = text.index("<span class=g>gpt_neox.embed_in</span>")
@@ -474,3 +478,149 @@ def test_write_inspection_real_optimize(tmp_path):
     html_text = paths["html"].read_text()
     parse_html(html_text)
     assert "GPTNeoXForCausalLM" in html_text
+
+
+# --------------------------------------------------------------------------- truthful inspection (issue 11)
+
+
+def _mamba_opt(layers: int, length: int):
+    import fxopt
+    from fxopt.models.hf import tiny_hf_mamba
+
+    model = tiny_hf_mamba(num_hidden_layers=layers).eval()
+    ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return fxopt.optimize(model, (ids,))
+
+
+@pytest.fixture(scope="module")
+def mamba_direct():
+    return _mamba_opt(2, 16)  # a direct capture (2 layers, L < 33)
+
+
+@pytest.fixture(scope="module")
+def mamba_templates():
+    return _mamba_opt(4, 40)  # layer-generic (4 layers) inside length-generic (L = 40) templates
+
+
+def _assert_counts_agree(opt):
+    rep, d = opt.report(), graph_diff(opt.original_graph_module, opt.graph_module)
+    assert (rep.nodes_captured, rep.nodes_final) == (d.before_nodes, d.after_nodes)
+    assert rep.records[0].nodes_before == d.before_nodes and rep.records[-1].nodes_after == d.after_nodes
+    # every match of the report is one rewrite of the diff, per rule too
+    assert sum(rep.matches.values()) == len(d.rewrites)
+    hits = {k: v for k, v in rep.rule_hits.items() if v}
+    assert hits == {r.rule: r.rewrites for r in d.rules.values()}
+    return d
+
+
+def test_counts_agree_and_every_removal_is_attributed(mamba_direct):
+    d = _assert_counts_agree(mamba_direct)
+    assert d.unattributed_removed == [] and len(d.removed_by) == len(d.removed) > 300
+    assert d.inputs_note() is None
+    # cleanup's rewrites add nothing: they are attributed through the engine's erasure record
+    cleanup = {r.rule: r for r in d.rules.values() if r.pass_name == "cleanup"}
+    assert cleanup and all(r.added == 0 and r.removed == r.rewrites for r in cleanup.values())
+    scan = d.rules["selective_scan"]
+    assert scan.rewrites == 2 and scan.added == 10
+    # the re-rolled loop's per-step slices are erased as dead inputs: the scan rule's, not "dead code"
+    selects = [n for n in d.removed if n.startswith("select")]
+    assert selects and {d.removed_by[n] for n in selects} == {"selective_scan"}
+    text = str(d)
+    assert "[no record]" not in text and "16-step unrolled loop -> selective_scan" in text
+
+
+def test_counts_agree_on_templates_and_the_probe_is_named(mamba_templates):
+    opt = mamba_templates
+    d = _assert_counts_agree(opt)
+    assert d.unattributed_removed == []  # layer copies (<name>_L<i>) found under their probe names
+    assert any(n.endswith("_L3") for n in d.removed)
+    note = d.inputs_note()
+    assert note and "i64[1, 5]" in note and "i64[1, 40]" in note  # before: the L=5 probe; after: L=40
+    assert "note: before is the capture for inputs i64[1, 5]" in d.summary()
+    html_text = render_html(opt.original_graph_module, opt.graph_module, opt.report(), diff=d)
+    assert "Sizes differ:" in html_text and "i64[1, 40]" in html_text
+    assert f"{d.before_nodes} → {d.after_nodes} nodes" in html_text
+
+
+def test_orphaned_dead_code_goes_to_the_rewrite_that_orphaned_it():
+    """A pass outside the engine rewrites y = relu(neg(x)) + x's add and then sweeps dead code:
+    neg and relu, which only fed the replaced add, belong to that rewrite ("left dead"); a dead node
+    it erased that fed nothing it rewrote stays unattributed."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(4, device="meta")
+    neg = g.call_function(aten.neg.default, (x,))
+    relu = g.call_function(aten.relu.default, (neg,))
+    add = g.call_function(aten.add.Tensor, (relu, x))
+    stray = g.call_function(aten.sin.default, (x,))  # dead from the start
+    g.output(add)
+    for n in (neg, relu, add, stray):
+        n.meta["val"] = x.meta["val"]
+    after = torch.fx.Graph()
+    env: dict = {}
+    out = after.graph_copy(g, env)
+    after.output(out)
+    names = {n.target: n.name for n in g.nodes if n.op == "call_function"}
+    a_add = next(n for n in after.nodes if n.target is aten.add.Tensor)
+    with after.inserting_before(a_add):
+        new = after.call_function(aten.mul.Tensor, (a_add.args[1], 2.0))
+    new.meta["val"] = a_add.meta["val"]
+    mark_provenance([new], rule="fold", pass_name="hand", replaced=[a_add])
+    a_add.replace_all_uses_with(new)
+    after.erase_node(a_add)
+    after.eliminate_dead_code()
+    d = graph_diff(g, after)
+    add_, neg_, relu_, sin_ = (names[t] for t in (aten.add.Tensor, aten.neg.default, aten.relu.default, aten.sin.default))
+    assert sorted(d.removed) == sorted([add_, neg_, relu_, sin_])
+    assert d.removed_by == {add_: "fold", relu_: "fold", neg_: "fold"}
+    assert d.unattributed_removed == [sin_]
+    rw = d.rewrites[0]
+    assert rw.removed == [neg_, relu_, add_] and rw.orphaned == [relu_, neg_]
+    assert d.rules["fold"].removed == 3
+    text = str(d)
+    assert "[by fold, left dead]" in text and "(+2 left dead)" in text
+
+
+def test_kernel_dump_is_the_kernel_that_runs_under_the_interpreter(mamba_direct, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    paths = write_inspection(mamba_direct, tmp_path / "interp")
+    files = sorted(p.name for p in paths["kernels"].iterdir())
+    assert files == ["fxopt_selective_scan_triton.py"]
+    src = (paths["kernels"] / files[0]).read_text()
+    assert src.startswith("# fxopt::selective_scan for (float32[1, ")
+    assert "on cpu (Triton's interpreter)" in src and "runs fxopt.codegen.scan_triton.selective_scan_kernel" in src
+    assert "def selective_scan_kernel(" in src and "def exp2_fma(" in src  # the kernel and the helpers it calls
+    # not Triton's interpreter, not whole modules (the linear scan, the Gluon kernel, host code)
+    assert "InterpretedFunction" not in src and "_linear_scan_kernel" not in src and "gluon" not in src
+    assert "def specialise" not in src and len(src.splitlines()) < 400
+    compile(src, files[0], "exec")  # the dump is valid Python
+    # without the interpreter, CPU tensors run the op's PyTorch reference: that is what is dumped
+    monkeypatch.delenv("TRITON_INTERPRET")
+    paths = write_inspection(mamba_direct, tmp_path / "ref")
+    (ref,) = paths["kernels"].iterdir()
+    assert ref.name == "selective_scan_reference.txt"
+    assert "def selective_scan_ref(" in ref.read_text() and "no kernel runs" in ref.read_text()
+
+
+def test_graph_html_controls_and_scan_regions(mamba_direct, tmp_path):
+    paths = write_inspection(mamba_direct, tmp_path)
+    text = paths["html"].read_text()
+    p = parse_html(text)
+    assert_self_contained(text, p)
+    for ident in ("fx-q", "fx-chg", "fx-expand", "fx-collapse"):
+        assert ident in p.ids
+    inputs = {a.get("id"): a for t, a in p.attrs if t == "input"}
+    assert inputs["fx-q"]["type"] == "search" and inputs["fx-chg"]["type"] == "checkbox"
+    assert p.tags.count("script") == 1 and "addEventListener('input'" in text and "scrollIntoView" in text
+    # opens at the first rewritten group: it is the first open group and the controls link to it
+    groups = [a for t, a in p.attrs if t == "details" and "grp" in a.get("class", "").split()]
+    first = next(a for a in groups if "chg" in a["class"].split())
+    assert "open" in first and [a for a in groups if "open" in a] == [first]
+    assert f'<a href="#{first["id"]}">first rewritten group</a>' in text
+    # a scan region reads as a loop -> selective_scan: one drawing box, one folded row
+    assert text.count("<b>16-step unrolled loop → selective_scan</b>") >= 2  # drawing title + folded row
+    assert "<b>16-step unrolled loop</b><br>" in text
+    # every removed row says which rule removed it
+    assert "removed by <b>to_same_dtype</b>" in text and "removed by <b>selective_scan</b>" in text
+    assert "no record" not in text

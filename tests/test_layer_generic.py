@@ -130,14 +130,17 @@ def test_user_model_is_never_modified_and_graphs_are_inspectable():
     # original_graph_module: the probes' captures, fitted and instantiated at full depth
     before = opt.original_graph_module
     assert sum(op_name(n) == "aten.linear.default" for n in before.graph.nodes) == 4 * 6 + 1
-    assert opt.report().nodes_captured == len(before.graph.nodes)  # capture drops export's shape guard
+    # capture drops export's input guard (and graph_utils.node_count would not count it): counts agree
+    assert opt.report().nodes_captured == len(before.graph.nodes)
     assert torch.equal(before(ids).logits, model(ids).logits)
     diff = graph_diff(before, opt.graph_module)
     matches = opt.report().matches
-    # cleanup only deletes (export's checks, identity casts): its removals show in diff.removed,
-    # every other match is a rewrite that added nodes
+    # every match is one rewrite of the diff; cleanup's only delete (export's checks, identity
+    # casts): the engine's erasure record attributes them, with nothing added
+    assert len(diff.rewrites) == sum(matches.values()) and diff.unattributed_removed == []
     cleaned = matches.pop("cleanup")
-    assert len(diff.rewrites) == sum(matches.values()) == 6 * 3
+    assert sum(1 for rw in diff.rewrites if not rw.added) == cleaned
+    assert sum(1 for rw in diff.rewrites if rw.added) == sum(matches.values()) == 6 * 3
     assert cleaned >= 1 and sum(n.startswith("_assert_tensor_metadata") for n in diff.removed) >= 1
 
 

@@ -8,6 +8,8 @@ import sys
 import textwrap
 
 import pytest
+
+from fxopt import config as fxopt_config
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -439,6 +441,7 @@ def test_scan_cuda_kernel_contract(exp, monkeypatch):
     against an fp64 evaluation of the loop, under the op's contract, over shapes x dtypes x layouts;
     repeated (the later calls replay the first's launch plan): results must not change."""
     monkeypatch.setenv("FXOPT_SCAN_EXP", exp)
+    fxopt_config.refresh()  # launch plans read the process snapshot
 
     for (b, d, L, n) in _CUDA_SHAPES:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -479,6 +482,8 @@ def test_scan_cuda_launch_plan_replays_per_signature(monkeypatch):
     from fxopt.codegen import scan_launch
 
     monkeypatch.delenv("FXOPT_SCAN_EXP", raising=False)
+
+    fxopt_config.refresh()  # launch plans read the process snapshot
     scan_launch.clear_plans()
     b, d, L, n = 1, 40, 256, 16  # l a multiple of 16: the Gluon kernel takes the bf16 tiles too
     for layout, seed in (("contiguous", 1), ("contiguous", 2), ("offset", 3), ("hf", 4)):
@@ -496,6 +501,7 @@ def test_scan_cuda_launch_plan_replays_per_signature(monkeypatch):
     assert len(scan_launch._PLANS) == 6, len(scan_launch._PLANS)
     assert all(p.direct is not None for p in scan_launch._PLANS.values())  # replays launch compiled kernels
     monkeypatch.setenv("FXOPT_SCAN_EXP", "fma")
+    fxopt_config.refresh()  # launch plans read the process snapshot
     y2, _ = scan_launch.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32)
     assert len(scan_launch._PLANS) == 7
     _check(GPU_CONTRACT, eager, y2, ref64, "fma")
@@ -509,6 +515,8 @@ def test_scan_cuda_entry_point(monkeypatch):
     import fxopt.ops.scan as ops
 
     monkeypatch.delenv("FXOPT_SCAN_EXP", raising=False)
+
+    fxopt_config.refresh()  # launch plans read the process snapshot
     for layout in ("contiguous", "hf"):
         for dtype in (torch.float32, torch.bfloat16):
             u, delta, A, B, C, D, z, _ = _gpu_inputs(1, 64, 512, 16, dtype, layout, seed=5)

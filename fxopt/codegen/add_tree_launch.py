@@ -70,7 +70,7 @@ def launcher_for(xs: Sequence[torch.Tensor], tree: str, backend: Optional[str] =
     if launcher is None:
         if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
             _LAUNCHERS.clear()
-        launcher = _LAUNCHERS[key] = make_launcher(xs, tree, backend or config.backend())
+        launcher = _LAUNCHERS[key] = make_launcher(xs, tree, backend or config.backend_raw())
     return launcher
 
 

@@ -56,10 +56,10 @@ import types
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..config import debug_log, get_config
+from ..config import get_config
 from ..errors import CodegenError
 
-log = logging.getLogger("fxopt")
+log = logging.getLogger("fxopt")  # tests and users filter its warnings by this name
 
 _MODULES: dict[str, types.ModuleType] = {}
 _EXTENSIONS: dict[str, object] = {}
@@ -294,7 +294,7 @@ def load_triton_module(kernel_name: str, source: str, signature: str = "") -> ty
         _, path = _with_root(lambda root: atomic_write(_subdir(root, "triton") / filename, source))
         mod = _exec_source(mod_name, path, source)
         _MODULES[mod_name] = mod
-        debug_log(2, f"codegen: loaded Triton module {path}")
+        log.debug("loaded Triton module %s", path)
         return mod
 
 
@@ -371,7 +371,7 @@ def build_cuda_extension(symbol: str, cuda_source: str, cpp_source: str, signatu
 
 def nvcc_path() -> str | None:
     """The nvcc executable, if installed (``$CUDA_HOME/bin`` or ``PATH``)."""
-    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    for base in (get_config().cuda_home, "/usr/local/cuda"):
         if base:
             cand = Path(base) / "bin" / "nvcc"
             if cand.exists():

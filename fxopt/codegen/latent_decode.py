@@ -26,7 +26,6 @@ use IEEE fp32 dots (no TF32).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -34,10 +33,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..config import current, get_config
 from ..errors import FxoptError
 from .latent_decode_ref import check_decode_inputs, latent_decode_attention_ref  # noqa: F401  (the reference)
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # runtime loop bounds under the interpreter (see scan_triton)
+if get_config().triton_interpret:  # runtime loop bounds under the interpreter (see scan_triton)
     from .scan_triton import _fix_interpreter_index
 
     _fix_interpreter_index()
@@ -331,7 +331,7 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
         part = torch.empty((b, n_splits, H, r), dtype=torch.float32, device=c.device)
         lse = torch.empty((b, n_splits, H), dtype=torch.float32, device=c.device)
     precision = "ieee" if c.dtype == torch.float32 else "tf32"
-    upcast = c.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = c.dtype == torch.bfloat16 and current().triton_interpret
     if upcast and q_latent.dtype != torch.bfloat16:
         raise FxoptError("latent_decode_attention under TRITON_INTERPRET=1: a bf16 cache needs a bf16 query")
     if key_mask is not None and key_mask.stride(1) != 1 and T > 1:

@@ -199,7 +199,7 @@ def choose_config(bsz: int, d: int, L: int, n: int, device_index: int = 0) -> Sc
     """The launch choice for a selective scan of this size on this device (-1: CPU, which runs
     the plain-Triton kernel under the interpreter). Reads FXOPT_SCAN_EXP."""
     if gluon_available(device_index):
-        exp = resolve_exp(_env.scan_exp(), capability(device_index))
+        exp = resolve_exp(_env.current().scan_exp, capability(device_index))  # as the plan key reads it
         return choose_gluon_config(bsz, d, L, n, sm_count(device_index), exp)
     return choose_triton_config(bsz, d, L, n, sm_count(device_index))
 

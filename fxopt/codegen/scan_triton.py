@@ -279,16 +279,3 @@ def linear_scan_triton(*args, **kwargs) -> tuple[Tensor, Tensor]:
     else:
         y = hs
     return y, hl.to(state_dtype)
-
-
-def kernel_source() -> str:
-    """The Triton source of these kernels and of the Gluon kernel (for ``fxopt.codegen.kernel_sources``)."""
-    import inspect
-    import sys
-
-    src = inspect.getsource(sys.modules[__name__])
-    try:
-        from . import scan_gluon
-    except Exception:  # pragma: no cover - a Triton without Gluon
-        return src
-    return src + "\n\n# " + "-" * 94 + "\n# fxopt/codegen/scan_gluon.py\n" + inspect.getsource(scan_gluon)

@@ -140,7 +140,7 @@ def fused_region(xs, region: str):
                 return fused_region_op(xs, region)
             if len(_FAST) >= rl._MAX_LAUNCHERS:
                 _FAST.clear()
-            launcher = _FAST[key] = rl.get_launcher(xs, region, config.backend())
+            launcher = _FAST[key] = rl.get_launcher(xs, region, config.backend_raw())
         return launcher(xs)
     if _functorch_active():
         raise CodegenError(

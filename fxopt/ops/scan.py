@@ -21,6 +21,7 @@ plain-PyTorch references are in :mod:`fxopt.codegen.scan_ref` (:class:`Selective
 from __future__ import annotations
 
 import torch
+import torch.fx
 
 from ..codegen import register_source_provider
 from ..codegen.scan_ref import (LinearScanArgs, SelectiveScanArgs, compute_dtype, linear_scan_ref,  # noqa: F401
@@ -153,11 +154,25 @@ SELECTIVE_SCAN_TARGETS = (SELECTIVE_SCAN, selective_scan)
 LINEAR_SCAN_TARGETS = (LINEAR_SCAN, linear_scan)
 
 
-def _kernel_source(node):
-    from ..codegen import scan_triton  # imported on demand: triton is optional
+def _fake_args(node) -> list:
+    vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in node.args]
+    vals += [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in node.kwargs.values()]
+    return vals
 
-    return "fxopt_scan_triton", scan_triton.kernel_source()
+
+def _selective_scan_source(node):
+    from ..codegen import scan_source  # imported on demand: triton is optional
+
+    return scan_source.selective_scan_source(_fake_args(node))
 
 
-for _target in (*SELECTIVE_SCAN_TARGETS, *LINEAR_SCAN_TARGETS):
-    register_source_provider(_target, _kernel_source)
+def _linear_scan_source(node):
+    from ..codegen import scan_source
+
+    return scan_source.linear_scan_source(_fake_args(node))
+
+
+for _target in SELECTIVE_SCAN_TARGETS:
+    register_source_provider(_target, _selective_scan_source)
+for _target in LINEAR_SCAN_TARGETS:
+    register_source_provider(_target, _linear_scan_source)

@@ -38,7 +38,6 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-from ..codegen import register_source_provider
 from ..ops import scan as scan_ops  # registers the custom ops; its entry points are what graphs call
 from ..rewrite import Declined, Divergence, NodeRule, RewritePass, decline, emit
 from ..testing.contracts import fp64_relative
@@ -985,12 +984,3 @@ def explain_scan(gm: torch.fx.GraphModule) -> list:
     return explain(gm, ScanPass())["scan"].near_misses
 
 
-# Kernel source for fxopt.codegen.kernel_sources (inspection, OptimizedModule.kernel_sources).
-def _scan_source(node):
-    from ..codegen import scan_triton  # imported on demand: triton is optional
-
-    return ("fxopt_scan_triton", scan_triton.kernel_source())
-
-
-register_source_provider(SELECTIVE_SCAN, _scan_source)
-register_source_provider(LINEAR_SCAN, _scan_source)

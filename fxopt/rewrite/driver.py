@@ -39,7 +39,7 @@ import torch.fx
 from torch.fx.node import Node
 
 from ..errors import PatternError
-from ..graph_utils import fake_mode_of, mark_provenance, op_name, propagate_meta
+from ..graph_utils import ERASED_KEY, PROVENANCE_KEY, fake_mode_of, mark_provenance, op_name, propagate_meta
 from .graph_ops import Positions, erase_dead, is_live, stable_toposort
 from .outcome import Attempt, Declined, Divergence, Replacement
 from .pass_base import Pass, PassResult
@@ -111,6 +111,7 @@ class RewriteContext:
         self._fake_mode = _UNSET
         self.last_added: list[Node] = []
         self.verified: set[Node] = set()  # fake values derived here (see PassResult.verified)
+        self.erased_by: dict[str, dict] = {}  # erased node name -> the rewrite that erased it
 
     # ---------------------------------------------------------------- for rules
     @property
@@ -162,6 +163,10 @@ class RewriteContext:
             log.debug("%s: rule %s declined at %s (%s): %s", self.pass_name, rule.name, node.name, op_name(node), div)
 
     def result(self) -> PassResult:
+        if self.erased_by:  # copy on write: copied graph modules share their meta's values
+            merged = dict(self.graph_module.meta.get(ERASED_KEY) or {})
+            merged.update(self.erased_by)
+            self.graph_module.meta[ERASED_KEY] = merged
         return PassResult(self.graph_module, self.stats["matches"] > 0, dict(self.stats),
                           rewrites=list(self.rewrites), declines=list(self.declines),
                           verified={n for n in self.verified if is_live(n)})
@@ -313,6 +318,10 @@ def apply_replacement(ctx: RewriteContext, rule: RuleBase, anchor: Node, rep: Re
     if b.new:
         sources = rep.sources if rep.sources is not None else rep.matched
         mark_provenance(b.new, rule=label, pass_name=ctx.pass_name, replaced=list(sources), source=rule.source)
+        details = {k: v for k, v in rep.info.items() if isinstance(v, (bool, int, float, str))}
+        if details:  # e.g. the scan's step count: inspection draws "L-step unrolled loop -> selective_scan"
+            for n in b.new:
+                n.meta[PROVENANCE_KEY]["info"] = details
     matched = set(rep.matched)
     only = rep.only_users or {}
     for old, new in zip(rep.outputs, values):
@@ -343,9 +352,15 @@ def apply_replacement(ctx: RewriteContext, rule: RuleBase, anchor: Node, rep: Re
     for k, v in rep.counts.items():
         ctx.stats[k] = ctx.stats.get(k, 0) + int(v)
     erased_set = {n.name for n in erased}
-    ctx.rewrites.append(RewriteRecord(rule.name, label, anchor.name, [n.name for n in b.new],
-                                      [nm for nm in erased_names if nm in erased_set] +
-                                      sorted(erased_set.difference(erased_names)), dict(rep.info)))
+    record = RewriteRecord(rule.name, label, anchor.name, [n.name for n in b.new],
+                           [nm for nm in erased_names if nm in erased_set] + sorted(erased_set.difference(erased_names)),
+                           dict(rep.info))
+    ctx.rewrites.append(record)
+    # inspection attributes every removed node, also those a rewrite consumed without adding
+    # anything (cleanup's erase/replace) and those it left dead (a re-rolled loop's steps)
+    who = {"rule": label, "pass": ctx.pass_name, "source": rule.source, "anchor": anchor.name}
+    for nm in record.erased:
+        ctx.erased_by[nm] = who
     return None
 
 

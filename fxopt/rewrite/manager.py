@@ -4,21 +4,31 @@ In the spirit of ``torch.fx.passes.infra.pass_manager``: when a pass fails or br
 the error names that pass and the passes that ran before it. Each pass runs through
 :func:`fxopt.rewrite.pass_base.run_pass`, which checks its result (truthful ``modified``, lint,
 fake values of what it changed) and recompiles the module once if it changed the graph.
+
+Each run logs one INFO line per pass on ``fxopt.rewrite.manager`` (FXOPT_DEBUG=1 shows them)
+and, with FXOPT_DUMP_DIR set (or FXOPT_DEBUG=3), dumps the graph after every pass that changed
+it (:mod:`fxopt.rewrite.dump`). Node counts leave out export's input-shape guard
+(:func:`fxopt.graph_utils.node_count`), so they agree with graphs instantiated from templates.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx
 
-from ..config import debug_log
+from ..config import get_config
 from ..errors import PassError
+from ..graph_utils import node_count
+from ..logs import configure as configure_logging
 from .pass_base import Pass, PassResult, run_pass
 from .verify import lint
 
 __all__ = ["PassManager", "Report", "PassRecord", "lint"]
+
+log = logging.getLogger("fxopt.rewrite.manager")
 
 
 @dataclass
@@ -104,6 +114,16 @@ class PassManager:
 
     def run(self, graph_module: torch.fx.GraphModule, report: Report | None = None) -> tuple[torch.fx.GraphModule, Report]:
         report = report or Report()
+        cfg = get_config()
+        configure_logging(cfg)
+        if not report.records:  # the graph the passes start from is the captured one
+            report.nodes_captured = node_count(graph_module)
+        dumper = None
+        if cfg.dumps is not None:
+            from .dump import GraphDumper
+
+            dumper = GraphDumper(cfg.dumps, report.model or str(graph_module.meta.get("fxopt_model", "")))
+            dumper.dump(graph_module, "input")
         # version counts graph modifications; a pass that left version v unchanged
         # would leave it unchanged again, so it is skipped until someone modifies.
         version = 0
@@ -115,7 +135,7 @@ class PassManager:
             for i, p in enumerate(self.passes):
                 if clean_at.get(i) == version or (rnd > 1 and not p.fixpoint):
                     continue
-                before = len(gm.graph.nodes)
+                before = node_count(gm)
                 t0 = time.perf_counter()
                 ran_before = f"passes run before it: {', '.join(done) or 'none'}"
                 try:
@@ -132,9 +152,13 @@ class PassManager:
                                     pass_name=p.name, predecessors=tuple(done)) from exc
                 gm = result.graph_module
                 seconds = time.perf_counter() - t0
-                report.records.append(PassRecord(p.name, rnd, result.matches, before, len(gm.graph.nodes),
+                after = node_count(gm)
+                report.records.append(PassRecord(p.name, rnd, result.matches, before, after,
                                                  seconds, result.modified, dict(result.stats)))
-                debug_log(1, f"pass {p.name} round {rnd}: {result.matches} matches, {before} -> {len(gm.graph.nodes)} nodes, {seconds:.3f} s")
+                log.info("pass %s round %d: %d matches, %d -> %d nodes, %.3f s", p.name, rnd, result.matches,
+                         before, after, seconds)
+                if dumper is not None and result.modified:
+                    dumper.dump(gm, p.name)
                 done.append(p.name)
                 if result.modified:
                     version += 1
@@ -142,5 +166,5 @@ class PassManager:
                 clean_at[i] = version if not result.modified else -1
             if not any_modified:
                 break
-        report.nodes_final = len(gm.graph.nodes)
+        report.nodes_final = node_count(gm)
         return gm, report
