@@ -25,6 +25,8 @@ _BUILTINS: dict[str, str] = {
     "addcmul": "fxopt.passes.addcmul:AddcmulPass",
     "residual_add": "fxopt.passes.residual_add:ResidualAddPass",
     "cleanup": "fxopt.passes.cleanup:CleanupPass",
+    "fused_regions": "fxopt.passes.fused_regions:FusedRegionsPass",
+    "causal_sdpa": "fxopt.passes.causal_attention:CausalSdpaPass",
 }
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
