@@ -59,7 +59,7 @@ from torch.fx.node import Node
 from ..codegen import region as rg
 from ..errors import CodegenError
 from ..graph_utils import op_name
-from ..rewrite import NodeRule, Phase, RewritePass, RuleSet, decline, emit, erase
+from ..rewrite import NodeRule, PassResult, Phase, RewritePass, RuleSet, decline, emit, erase
 from ..rewrite.graph_ops import is_assert
 from ..testing.contracts import bitwise
 
@@ -335,4 +335,20 @@ class FusedRegionsPass(RewritePass):
         if split_linear_bias:
             phases.append(Phase(RuleSet([SPLIT_LINEAR_BIAS]), "forward", max_sweeps=1))
         phases.append(Phase(RuleSet([REGION_RULE]), "reverse", max_sweeps=2))
-        super().__init__("fused_regions", phases=phases, counters=("region_outputs", "launches_removed"))
+        super().__init__("fused_regions", phases=phases,
+                         counters=("region_outputs", "launches_removed", "prepared"))
+
+    def rewrite(self, ctx) -> None:
+        super().rewrite(ctx)
+        # "matches" counts regions (what the report and the diff show as rewrites); the checks and
+        # casts dropped to prepare them are counted apart, under "prepared"
+        prep = sum(ctx.stats.get(f"rule:{r.name}", 0) for r in self.rules if r is not REGION_RULE)
+        ctx.stats["prepared"] = prep
+        ctx.stats["matches"] -= prep
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        ctx = self.make_context(graph_module)
+        self.rewrite(ctx)
+        res = ctx.result()
+        res.modified = bool(ctx.rewrites)  # dropped checks change the graph too
+        return res
