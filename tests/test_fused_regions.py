@@ -78,8 +78,11 @@ def test_gpt_neox_regions_counts_bitwise_on_cpu(parallel, expected):
     gm = fxopt.capture(model, (ids,))
     with torch.no_grad():
         ref = _logits(model(ids))
+    rep = str(fxopt.explain(gm, "fused_regions"))
+    # the look-alike left alone: the MLP's GELU after a linear with a bias, a single op
+    assert "a region of 1 launching op (gelu)" in rep and "split_linear_bias=True" in rep, rep
     res = run_pass(FusedRegionsPass(), gm)
-    assert _regions(res) == expected
+    assert _regions(res) == expected and res.stats["regions"] == sum(expected.values())
     assert res.stats["rule:layer_norms"] == expected.get("layer_norms", 0)
     fused = _fused_nodes(gm)
     assert len(fused) == sum(expected.values())
