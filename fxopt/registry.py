@@ -30,9 +30,12 @@ _BUILTINS: dict[str, str] = {
 }
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
-# bodies, so the other order works too). cleanup runs last: the others may leave identity casts behind, and it
+# bodies, so the other order works too). causal_sdpa and fused_regions come next: before
+# addcmul and residual_add turn the rotary chains and residual adds into ops a region cannot
+# hold (regions keep eager's rounding, addcmul's fma does not); those two take what is left.
+# cleanup runs last: the others may leave identity casts behind, and it
 # only removes calls that compute nothing.
-DEFAULT_PASSES: tuple[str, ...] = ("scan", "addcmul", "residual_add", "cleanup")
+DEFAULT_PASSES: tuple[str, ...] = ("scan", "causal_sdpa", "fused_regions", "addcmul", "residual_add", "cleanup")
 
 _REGISTRY: dict[str, PassFactory] = {}
 
