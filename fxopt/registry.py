@@ -25,12 +25,19 @@ _BUILTINS: dict[str, str] = {
     "addcmul": "fxopt.passes.addcmul:AddcmulPass",
     "residual_add": "fxopt.passes.residual_add:ResidualAddPass",
     "cleanup": "fxopt.passes.cleanup:CleanupPass",
+    "fused_regions": "fxopt.passes.fused_regions:FusedRegionsPass",
+    "causal_sdpa": "fxopt.passes.causal_attention:CausalSdpaPass",
 }
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
 # bodies, so the other order works too). cleanup runs last: the others may leave identity
 # casts behind, and it only removes calls that compute nothing.
 DEFAULT_PASSES: tuple[str, ...] = ("scan", "addcmul", "residual_add", "cleanup")
+# The block-fusion set (issue 14), opt-in until the H200 shows it pays end to end and at decode
+# sizes: causal_sdpa and fused_regions go before addcmul and residual_add, which would turn the
+# rotary chains and residual adds into ops a region cannot hold (regions keep eager's rounding,
+# addcmul's fma does not); those two take what is left.
+BLOCK_PASSES: tuple[str, ...] = ("scan", "causal_sdpa", "fused_regions", "addcmul", "residual_add", "cleanup")
 
 _REGISTRY: dict[str, PassFactory] = {}
 
