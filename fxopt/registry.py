@@ -25,6 +25,7 @@ _BUILTINS: dict[str, str] = {
     "addcmul": "fxopt.passes.addcmul:AddcmulPass",
     "residual_add": "fxopt.passes.residual_add:ResidualAddPass",
     "cleanup": "fxopt.passes.cleanup:CleanupPass",
+    "latent_kv": "fxopt.passes.latent_kv:LatentKVPass",  # opt-in (not in DEFAULT_PASSES): it changes the model
 }
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
