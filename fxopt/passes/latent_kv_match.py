@@ -240,6 +240,8 @@ def _rot_slice(t: Node, R_expected: Optional[int] = None):
     """``(head, R)`` for ``t = head[..., :R]`` (a slice, or alias when R = hd)."""
     if is_op(t, aten.alias.default):
         return t.args[0], shape(t)[-1]
+    if t.op == "call_function" and t.target is operator.getitem:  # R = hd after the cleanup pass dropped the alias
+        return t, shape(t)[-1]
     if is_op(t, aten.slice.Tensor) and _dim(t.args[1], 4) == 3 and (t.args[2] if len(t.args) > 2 else 0) in (0, None):
         return t.args[0], shape(t)[-1]
     _fail("rotary", "the rotated part is not a slice [..., :R] of a head", t)
@@ -437,7 +439,9 @@ def match_site(anchor: Node, cache_phs: dict[Node, int]) -> Site:
         if wr is None:
             _fail("users", f"the values are also used by {u.name} ({u.target}) outside the attention", u)
         writes.append(wr)
-    if len(real_users(k_head)) != 2 or len(real_users(k_src)) != 3:
+    whole = k_src is k_head  # R = hd: the rotation reads the head itself
+    if (not whole and (len(real_users(k_head)) != 2 or len(real_users(k_src)) != 3)) or \
+            (whole and len(real_users(k_head)) != 4):
         _fail("users", "the key head (or its rotary slice) is used outside the rotary embedding", k_head)
     kinds = sorted(w_.kv for w_ in writes)
     if writes and kinds != [0, 1]:
