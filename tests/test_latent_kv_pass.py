@@ -156,6 +156,8 @@ def test_cache_bytes_and_allocation_are_the_latent_cache():
     caches = runtime_for(opt)._caches
     assert sum(x.numel() * x.element_size() for c in caches.values() for x in c.tensors) == lat
     assert "latent_kv: K/V replaced" in runtime.report(opt)
+    rep = fxopt.explain(fxopt.capture(model, (ids,)), "latent_kv")
+    assert rep.matches == 2 and "MATCH layer 1: rank 64/64, kept energy 1.000000, 512 -> 320" in str(rep)
 
 
 def test_decode_reconstruct_mode_and_four_layers_through_the_template_fallback():
@@ -314,11 +316,12 @@ def test_explain_names_the_look_alike_head_split():
     x = torch.randn(2, 6, 64)
     opt = fxopt.optimize(m, (x,), passes=[*PASSES, fxopt.get_pass("latent_kv")])
     assert opt.report().matches["latent_kv"] == 0
-    rep = fxopt.explain(opt, "latent_kv")
-    assert rep.matches == 0
-    (miss,) = rep.rules[0].near_misses
-    assert miss.divergence.kind == "head split" and "GPTNeoX" in miss.reason
-    assert "head split" in str(rep)
+    p = LatentKVPass()
+    rep = p.explain(opt)
+    assert rep.matches == 0 and "0 attention(s) rewritten, 1 left alone" in str(rep)
+    (miss,) = p.last_rejections
+    assert miss.kind == "head split" and "GPTNeoX" in miss.message and miss.message in str(rep)
+    assert "[head split]" in str(fxopt.explain(opt, "latent_kv"))
     torch.testing.assert_close(opt(x), m(x))
 
 
@@ -328,9 +331,11 @@ def test_explain_on_an_already_latent_cache_and_on_a_foreign_cache():
     opt = fxopt.optimize(model, (ids,), passes=[*PASSES, fxopt.get_pass("latent_kv")])
     dec = runtime_for(opt).decode_graph(3, 64).gm
     before = [(n.name, n.target, n.args) for n in dec.graph.nodes]
-    rep = fxopt.explain(dec, "latent_kv")
-    assert rep.matches == 0 and rep.rules[0].near_misses
-    assert all(nm.divergence.kind == "cache" and "already" in nm.reason for nm in rep.rules[0].near_misses)
+    p = LatentKVPass()
+    rep = p.explain(dec)
+    assert rep.matches == 0 and len(p.last_rejections) == 2  # the two latent decode ops
+    assert all(r.kind == "cache" and "already runs over a latent cache" in r.message for r in p.last_rejections)
+    assert "already runs over a latent cache" in str(rep)
     res = LatentKVPass()(dec)  # running it again changes nothing
     assert not res.modified and [(n.name, n.target, n.args) for n in dec.graph.nodes] == before
     # a K/V-shaped graph whose declared cache is something else: left alone, the spec named

@@ -369,24 +369,33 @@ class LatentKVPass(Pass):
 
     # ------------------------------------------------------------------ explain
     def explain(self, graph_module: torch.fx.GraphModule, top: int = 5):
-        """An :class:`fxopt.rewrite.explain.ExplainReport`: the sites it would rewrite and why the
-        other candidates were left alone (runs the pass on a copy)."""
-        from ..rewrite.explain import ExplainReport, NearMiss, RuleExplanation, copy_graph_module
-        from ..rewrite.outcome import Divergence
+        """An :class:`fxopt.rewrite.explain.ExplainReport` of a run on a copy (the same matches and stats
+        as running the pass): the attentions it rewrites and, for every candidate left alone, the kind
+        of divergence and the reason. A hand-written pass has no rule table, so the report's ``rules``
+        is empty and its ``note`` says it all; the candidates left alone are also in
+        :attr:`last_rejections` (:class:`Rejection`: anchor, kind, message, graph node)."""
+        from ..rewrite.explain import ExplainReport, copy_graph_module
 
         gm = getattr(graph_module, "graph_module", graph_module)
         work = copy_graph_module(gm)
-        plan = self._plan(work)
-        matches = [s.anchor.name for s in plan.sites]
-        modules = {n.name: _module_of(n) for n in work.graph.nodes}
-        near = [NearMiss(r.anchor, modules.get(r.anchor), 0, None, False,
-                         Divergence(r.kind, r.message, graph_node=r.graph_node)) for r in plan.rejections]
-        n_cands = len(matches) + len({r.anchor for r in plan.rejections} - set(matches))
-        note = None if (matches or near) else plan.note
-        expl = RuleExplanation(RULE, __name__, "aten.scaled_dot_product_attention | aten.matmul(softmax)", n_cands,
-                               matches, near, note=note, reasons=Counter(r.kind for r in plan.rejections), top=top,
-                               kind="structural", contract="fp64_relative (lossless rank) / the truncation's error")
-        return ExplainReport([expl], self.name, {"matches": len(matches)}, note=plan.note if (matches or near) else None)
+        plan_note = self._plan(work).note  # what the run below will find (no mutation)
+        result = self.call(work)
+        rejected = self.last_rejections
+        matched = [f"layer {r.layer}: rank {r.rank}/{r.lossless_rank}, kept energy {r.kept_energy:.6f}, "
+                   f"{r.bytes_before} -> {r.bytes_after} cache bytes per token" for r in (self.last_report.rows
+                                                                                      if self.last_report else [])]
+        lines = [f"rule {RULE} (structural; contract: fp64_relative at rank='lossless', the truncation's "
+                 f"error bound otherwise): {len(matched)} attention(s) rewritten, {len(rejected)} left alone"]
+        lines += [f"  MATCH {m}" for m in matched]
+        kinds = Counter(r.kind for r in rejected)
+        for i, r in enumerate(rejected[:top], 1):
+            where = f" (at {r.graph_node})" if r.graph_node and r.graph_node != r.anchor else ""
+            lines.append(f"  {i}. {r.anchor}{where}: [{r.kind}] {r.message}")
+        if len(rejected) > top:
+            lines.append(f"  ... {len(rejected) - top} more; kinds: {', '.join(f'{k} x{v}' for k, v in kinds.items())}")
+        if plan_note and not matched and not rejected:
+            lines.append(f"  {plan_note}")
+        return ExplainReport([], self.name, dict(result.stats), note="\n".join(lines))
 
 
 def _module_of(n: Node) -> Optional[str]:
