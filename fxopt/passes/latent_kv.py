@@ -28,8 +28,9 @@ per token instead of K and V (2 H hd). Biases stay exact in the up path.
   for boolean key masks, the same math in ATen ops otherwise -- and applies v's up-projection after
   the weighted sum. Reconstructing at decode (``decode="reconstruct"``) re-materialises
   ``H (P + hd)`` values per cached token every step, i.e. more memory traffic than the MHA cache it
-  replaced; absorbing streams ``r + H R`` values per cached token. Measured: ``benchmarks/latent_kv.py``
-  (phase rows, GPU) and :func:`decode_choice_timings` (CPU, in this module's tests' notes).
+  replaced; absorbing streams ``r + H R`` values per cached token. The measurement behind the choice is
+  ``benchmarks/latent_kv.py``'s phase rows (GPU; not yet run on the H200 at the time of writing);
+  both decode modes are kept so the choice can be flipped per measurement.
 
 **The cache** (:mod:`fxopt.runtime.cache_spec`): in a graph carrying a :class:`CacheSpec` with the
 runtime's K/V entry ``(layers, 2, b, H, t, hd)``, the pass swaps it for
