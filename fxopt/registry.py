@@ -27,6 +27,7 @@ _BUILTINS: dict[str, str] = {
     "cleanup": "fxopt.passes.cleanup:CleanupPass",
     "fused_regions": "fxopt.passes.fused_regions:FusedRegionsPass",
     "causal_sdpa": "fxopt.passes.causal_attention:CausalSdpaPass",
+    "latent_kv": "fxopt.passes.latent_kv:LatentKVPass",  # opt-in (not in DEFAULT_PASSES): it changes the model
 }
 # What optimize() runs when passes=None, in order. The scan pass goes first so it
 # sees loops before anything else rewrites their bodies (it also accepts addcmul
