@@ -55,7 +55,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .length_generic import TemplateMismatch
+from .errors import TemplateMismatch  # the class fxopt.length_generic exports
 
 log = logging.getLogger("fxopt")
 
