@@ -35,6 +35,12 @@ class CodegenError(FxoptError):
     """Kernel source could not be generated, compiled or loaded."""
 
 
+class TemplateMismatch(FxoptError):
+    """A length or layer template does not fit (the probes disagree, or the op stream at
+    the real length is not the one they predict); the caller captures directly instead.
+    Importable from ``fxopt.length_generic`` too."""
+
+
 class UnknownPassError(FxoptError, KeyError):
     """A pass name given to ``optimize(passes=...)`` is not registered."""
 

@@ -7,13 +7,24 @@ L the way it did at the probes: ``if ids.shape[1] > 20``, ``min(L, 16)``, ``L % 
 at L, and nothing in the three probe graphs can tell. So before a template's graph is
 used at L we look at what the model *does* at L, cheaply:
 
-* :func:`record_stream` runs the model on fake tensors (no data, no FLOPs, no export)
-  under a recording dispatch mode and keeps, for every ATen op, a *token*: the overload,
-  a skeleton of its arguments (tensors as dtype and rank plus which earlier op produced
-  them, non-integer literals exactly) and its integer literals. The stream is a complete
-  description of the computation: two runs with equal streams (and equal inputs) run
-  the same ops on the same values; any Python branch that changes what the model
-  computes changes its stream.
+* :func:`record_stream` runs the model on data-free tensors (no data, no FLOPs, no
+  export) under a recording dispatch mode and keeps, for every ATen op, a *token*: the
+  overload, a skeleton of its arguments (tensors as dtype and rank plus which earlier op
+  produced them, non-integer literals exactly) and its integer literals (the inputs'
+  sizes first). The stream is a complete description of the computation: two runs with
+  equal streams (and equal inputs) run the same ops on the same values; any Python branch
+  that changes what the model computes changes its stream. It records the path export
+  traces (``torch.compiler.is_compiling()`` / ``is_exporting()`` set, as export does).
+* Data-free how: FakeTensorMode is faithful (tensors report their real device) but
+  costs ~100 us of Python per op, 3-4 s for the ~27k ops of mamba-130m's 1-layer proxy
+  at L = 2048. Meta tensors run the shape functions in C++ (~0.8 s for the same stream) but
+  report device "meta", so code that branches on the device (SDPA's backend choice, a
+  CUDA-only fast path) could take another path than export does. So at the probes the
+  model is recorded both ways; the check at the real L records on meta tensors only when
+  the two recordings agree op for op (devices recorded as the call's device; a
+  convolution, whose output layout the device's kernels decide, runs in a FakeTensorMode
+  for that device), and with FakeTensorMode otherwise (GPTNeoX: SDPA picks a CPU/CUDA
+  kernel; its stream is short, it has no loop over L).
 * :func:`fit_streams` learns from the probe streams how the stream depends on L: fixed
   segments and loop regions (a body repeated ``a*L + b`` times), every integer literal
   affine in L, and inside a loop affine in (L, iteration index), the first or last
@@ -33,13 +44,21 @@ express (literals not affine, a loop inside a loop over L, data-dependent contro
 which fake tensors refuse) is a mismatch, and the caller captures at the real length.
 
 Why not simply capture at L: export costs milliseconds per traced op; the 1-layer proxy
-of mamba-130m at L = 2048 is ~30k ops (tens of seconds to export, about a second to
-record on fake tensors).
+of mamba-130m at L = 2048 is ~27k ops (tens of seconds to export, under a second to
+record on meta tensors). Why the stream and not the graphs: comparing the rewritten
+graphs at L would need that very capture.
+
+Recorded under ``torch.no_grad()`` (autograd bookkeeping would double the cost; the ops
+below autograd do not change, and decompositions that look at ``requires_grad`` see the
+parameters' own flags); Python that branches on ``torch.is_grad_enabled()`` is the
+one thing this records differently from export.
 
 Not covered here: the verification proxy of a layer stack holds layer 0 (layers 0 and 1
 when the layer template peeled layer 0); that every other layer behaves like it is the
 layer template's claim (``layer_generic.py``), made at the probe lengths. A branch on
-L *and* the layer index in a layer the proxy does not hold is not seen.
+L *and* the layer index in a layer the proxy does not hold is not seen; nor, on the meta
+path, a branch on L *and* the device that the probes do not take (the meta/fake
+comparison happens at the probes).
 """
 from __future__ import annotations
 
@@ -56,7 +75,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .capture import normalize_call
-from .length_generic import TemplateMismatch
+from .errors import TemplateMismatch  # the class fxopt.length_generic exports
 
 log = logging.getLogger("fxopt")
 

@@ -25,7 +25,7 @@ import torch.fx
 from torch.fx.node import Node
 from torch.utils import _pytree as pytree
 
-from .errors import FxoptError
+from .errors import TemplateMismatch
 from .graph_utils import propagate_meta
 
 # Probe lengths: small (cheap to capture) yet long enough that every pass sees real
@@ -33,10 +33,6 @@ from .graph_utils import propagate_meta
 DEFAULT_PROBES: tuple[int, int, int] = (5, 7, 11)
 # Below this length a direct capture is cheap and exact, so templates are not used.
 MIN_TEMPLATE_LENGTH = 33
-
-
-class TemplateMismatch(FxoptError):
-    """The probe graphs differ in a way an affine-in-L template cannot express."""
 
 
 def sequence_length(args: tuple, kwargs: dict, seq_dim: int) -> int | None:

@@ -339,3 +339,40 @@ def test_first_step_reading_the_initial_state_is_fitted():
     streams = [_stream(p, [0, 1], [10], [20], (1, 0), lits) for p in lg.DEFAULT_PROBES]
     model = lc.fit_streams(streams, lg.DEFAULT_PROBES)
     model.check(50, _stream(50, [0, 1], [10], [20], (1, 0), lits))
+
+
+def test_peeled_layer_template_verifies_layers_0_and_1():
+    # bf16 with residual_in_fp32: layer 0 differs (it casts the embeddings), the layer
+    # template peels it, and the verification proxy must hold layers 0 and 1
+    model = tiny_hf_mamba(num_hidden_layers=5, residual_in_fp32=True).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 40))
+    opt = fxopt.optimize(model, (ids,))
+    assert any("first layer peeled" in n for n in _notes(opt)), _notes(opt)
+    assert any("proxy with layers [0, 1] of backbone.layers verified at L=40" in n for n in _notes(opt)), _notes(opt)
+    torch.testing.assert_close(opt(ids).logits.float(), model(ids).logits.float(), rtol=0.05, atol=0.1)
+
+
+class DeviceBranch(_Base):
+    """Code that branches on the device: recorded on meta tensors it would take the
+    other branch, so the check must record with FakeTensorMode (real devices)."""
+
+    def forward(self, ids):
+        h = self.hidden(ids)
+        if h.device.type == "cpu":
+            h = h + 1
+        if ids.shape[1] > 20:
+            h = h * 2
+        return h
+
+
+def test_device_dependent_code_is_recorded_on_its_real_device():
+    model = DeviceBranch().eval()
+    calls = [((torch.randint(0, 32, (2, p)),), {}) for p in lg.DEFAULT_PROBES]
+    sm = lc.fit_module(model, calls, lg.DEFAULT_PROBES)
+    assert sm.how == "fake"
+    with pytest.raises(lc.StreamDivergence, match="aten.mul"):
+        lc.verify(sm, model, (torch.randint(0, 32, (2, 40)),), {}, 40)
+    ids = torch.randint(0, 32, (2, 40))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert _stream_fallback(opt) is not None
+    assert torch.equal(opt(ids), model(ids))
