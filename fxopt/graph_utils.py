@@ -149,3 +149,16 @@ def to_networkx(graph_module: torch.fx.GraphModule):
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
     return g
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of the graph but the *same* parameter and buffer
+    tensors (a 2.8B-parameter model must not be duplicated to keep a before-picture)."""
+    graph = torch.fx.Graph()
+    # The codegen object holds the pytree in/out specs; it is never mutated, so share it.
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new

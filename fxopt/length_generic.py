@@ -26,7 +26,7 @@ from torch.fx.node import Node
 from torch.utils import _pytree as pytree
 
 from .errors import TemplateMismatch
-from .graph_utils import propagate_meta
+from .graph_utils import copy_graph_module, propagate_meta
 
 # Probe lengths: small (cheap to capture) yet long enough that every pass sees real
 # loops, pairwise distinct and unlikely to coincide with model dimensions.
@@ -163,8 +163,6 @@ class LengthTemplate:
     notes: list[str] = field(default_factory=list)
 
     def instantiate(self, length: int, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-        from .optimize import copy_graph_module
-
         gm = copy_graph_module(self.base)
         for n in list(gm.graph.nodes):
             if n.op == "call_module" and n.target == "_guards_fn":

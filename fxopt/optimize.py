@@ -20,6 +20,7 @@ from . import length_generic as lg
 from .capture import CAPTURE_LOCK, capture, prepare_call
 from .config import get_config
 from .errors import FxoptError
+from .graph_utils import copy_graph_module  # noqa: F401  (re-exported: fxopt.optimize.copy_graph_module)
 from .guards import ModelState
 from .pass_manager import PassManager, Report
 from .registry import PassSpec, resolve_passes
@@ -28,19 +29,6 @@ from .rewrite.rule import RuleBase, RuleSet
 from .runtime.sampling import UNSET
 
 log = logging.getLogger("fxopt")
-
-
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with its own copy of the graph but the *same* parameter and buffer
-    tensors (a 2.8B-parameter model must not be duplicated to keep a before-picture)."""
-    graph = torch.fx.Graph()
-    # The codegen object holds the pytree in/out specs; it is never mutated, so share it.
-    graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    return new
 
 
 def _leaf_key(x: Any):

@@ -24,10 +24,7 @@ import networkx as nx
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "fxopt"
 
 # cycle (as found: the path from its smallest module name, back to it) -> the part of the tree that owns it
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    ("fxopt.layer_generic", "fxopt.length_generic", "fxopt.optimize"): "specialisation (length/layer templates)",
-    ("fxopt.length_generic", "fxopt.optimize"): "specialisation (length/layer templates)",
-}
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}  # none left; the list only shrinks
 
 
 def module_name(path: pathlib.Path) -> str:

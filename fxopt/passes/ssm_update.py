@@ -459,7 +459,7 @@ class SSMUpdatePass(Pass):
 
 def explain_ssm_update(graph_module: torch.fx.GraphModule) -> str:
     """Why each candidate ``copy_`` of a state was not fused (runs the pass on a copy)."""
-    from ..optimize import copy_graph_module
+    from ..graph_utils import copy_graph_module
 
     p = SSMUpdatePass()
     p(copy_graph_module(graph_module))

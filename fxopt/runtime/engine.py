@@ -112,6 +112,9 @@ class Runtime:
         if not isinstance(model, torch.nn.Module):
             raise GenerateError(f"generate needs an fxopt.OptimizedModule, got {type(opt).__name__}")
         self.model = model
+        # The generation graphs are optimized like the user's module, by its own class (no import
+        # of fxopt.optimize here: that module's OptimizedModule.generate calls into this one).
+        self._optimize = type(opt)
         self.family: Family = family_of(model)
         self.passes = _pass_specs(opt)
         self.stats = RuntimeStats()
@@ -155,12 +158,10 @@ class Runtime:
         return resolve_passes(self.passes)
 
     def _build(self, kind: str, key: tuple, wrapper: torch.nn.Module, args: tuple, lowering: list):
-        from ..optimize import optimize
-
         t0 = time.perf_counter()
         passes = [RecordCacheSpec(self.family.declared), *lowering, *self._user_passes()]
         with _BUILD_LOCK, torch.no_grad():
-            opt = optimize(wrapper, args, passes=passes)
+            opt = self._optimize(wrapper, args, passes=passes, cuda_graphs=False)  # it replays its own decode step
         gm = opt.graph_module
         cache_spec_of(gm)  # a pass that dropped the meta is named now, not at the first call
         self.stats.built.append((kind, key, time.perf_counter() - t0))
