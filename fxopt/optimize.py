@@ -316,7 +316,8 @@ class OptimizedModule(torch.nn.Module):
         if self._layer_stack is None or not probe.layer_template:
             return self._model, f"the whole {type(self._model).__name__}"
         path, _ = self._layer_stack
-        entry = self._layer_templates.get(call_signature(args, kwargs))
+        sig = call_signature(args, kwargs)  # layer templates are keyed (signature, mode, ks)
+        entry = next((e for k, e in self._layer_templates.items() if k[0] == sig and k[1] == self._mode and e), None)
         layers = [0, 1] if entry is not None and entry[0].peel else [0]
         return lyr.truncated_proxy(self._model, path, layers), f"the proxy with layers {layers} of {path}"
 

@@ -62,7 +62,7 @@ def test_hf_models_causal_mask_becomes_is_causal(name):
     n_attn = len(_sdpas(gm))
     assert n_attn == 2 and all(_mask_of(n) is not None for n in _sdpas(gm))
     with torch.no_grad():
-        ref = gm(ids, use_cache=False)[0]
+        ref = gm(ids)[0]
     before = len(gm.graph.nodes)
     res = run_pass(CausalSdpaPass(), gm)
     assert res.stats["matches"] == n_attn
@@ -74,7 +74,7 @@ def test_hf_models_causal_mask_becomes_is_causal(name):
     assert not any("arange" in str(n.target) and n.users and any(u.target is SDPA for u in n.users)
                    for n in gm.graph.nodes)
     with torch.no_grad():
-        out = gm(ids, use_cache=False)[0]
+        out = gm(ids)[0]
     # the same function by a different SDPA path: a few fp32 ulps at most
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -93,7 +93,7 @@ def test_gpt_neox_regions_counts_bitwise_on_cpu(parallel, expected):
     prov = fused[0].meta["fxopt_provenance"]
     assert prov["pass"] == "fused_regions" and prov["from"] and "fused_regions.py" in prov["source"]
     with torch.no_grad():
-        bitwise.check(ref, _logits(gm(ids, use_cache=False)))
+        bitwise.check(ref, _logits(gm(ids)))
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -109,7 +109,7 @@ def test_gpt_neox_generated_kernels_against_eager(parallel, monkeypatch):
     _kernels_on(monkeypatch)
     with torch.no_grad():
         ref = _logits(model(ids))
-        out = _logits(gm(ids, use_cache=False))
+        out = _logits(gm(ids))
     # the kernels really ran (one launcher per distinct region and layout; none fell back)
     assert len(fr._FAST) >= 4 and all(launcher.launch is not None for launcher in fr._FAST.values())
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
@@ -144,13 +144,13 @@ def test_hf_mamba_regions_after_scan(dtype, expected, monkeypatch):
     gm = fxopt.capture(model, (ids,))
     run_pass(get_pass("scan"), gm)
     with torch.no_grad():
-        scanned = _logits(gm(ids, use_cache=False))
+        scanned = _logits(gm(ids))
     res = run_pass(FusedRegionsPass(), gm)
     assert _regions(res) == expected
     with torch.no_grad():
-        bitwise.check(scanned, _logits(gm(ids, use_cache=False)))  # CPU: the op is the reference
+        bitwise.check(scanned, _logits(gm(ids)))  # CPU: the op is the reference
         _kernels_on(monkeypatch)
-        out = _logits(gm(ids, use_cache=False))
+        out = _logits(gm(ids))
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), scanned.float(), rtol=tol, atol=tol)
 
