@@ -30,7 +30,7 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
     """What was verified (for the report), or :class:`TemplateMismatch` naming the divergence.
 
     The proxies hold the first ``peel + 2``, ``peel + 3`` and ``peel + 4`` layers. The fitted
-    stream must have exactly one loop, over *all* layers but the peeled one (a layer whose ops
+    stream must have exactly one loop, over *all* layers but layer 0 (a later layer whose ops
     differ would sit outside the loop: refused), whose literals lie on one line in the layer
     index from layer ``peel + 1`` on (only the first iteration may differ in literals: it reads
     the embeddings rather than the previous layer)."""
@@ -61,7 +61,10 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
         raise TemplateMismatch(f"the layers' op streams do not repeat one block: {exc}") from exc
     loops = [p for p in predicted.pieces if isinstance(p, lc._Loop)]
     counts = [loops[0].iterations(d) for d in depths] if len(loops) == 1 else []
-    if not counts or any(c < d - peel for c, d in zip(counts, depths)):
+    # Layer 0 may sit outside the loop (its ops differ: e.g. it reads the embeddings' dtype):
+    # it is in every proxy of the graph template, which compares it node for node. Any other
+    # layer outside the loop is refused.
+    if not counts or any(c < d - max(peel, 1) for c, d in zip(counts, depths)):
         raise TemplateMismatch(
             f"the layers' op streams do not repeat one block over every layer ({len(loops)} loop(s), "
             f"iterations {counts} at depths {depths}): some layer computes something else")
