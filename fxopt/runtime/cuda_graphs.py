@@ -164,6 +164,12 @@ class GraphReplay:
         if self.backend == "cuda":
             if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in tensors):
                 return "CPU tensors: runs eagerly"
+            if torch.cuda.is_current_stream_capturing():
+                # A replay nested in another capture (a GraphReplay around an OptimizedModule that
+                # replays its own specialisations): run the function, so the outer graph records
+                # its kernels. Capturing here would nest captures, which CUDA refuses, and leave
+                # the RNG's capture state broken for every later capture in the process.
+                return "inside another CUDA-graph capture: runs directly (the outer graph records it)"
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return "gradients are recorded: runs eagerly"
         return None
