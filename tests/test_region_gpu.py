@@ -72,6 +72,7 @@ def test_no_flush_to_zero(dtype):
 
 
 _UNARY = ("exp", "tanh", "erf", "rsqrt", "sqrt", "sigmoid", "silu", "gelu", "gelu_tanh")
+_NOT_BITWISE_ON_GPU = ("erf", "gelu")  # measured: see test_transcendentals_bitwise_claim
 
 
 def _unary(op, dtype):
@@ -95,6 +96,13 @@ def test_transcendentals_bitwise_claim(op, dtype):
     region = _unary(op, dtype)
     x = _unary_values(op, dtype)
     ref, out = _eager(region, [x])[0], _fused(region, [x])[0]
+    if op in _NOT_BITWISE_ON_GPU:
+        # Measured on the H200 (2026-12-02): erf fp32 1 ulp on 3777 of 80k values, gelu up to
+        # 3 ulp (fp16) / 128 ulp (bf16) and a sign-of-zero-sized fp32 difference: Triton's erf is
+        # not ATen's. The op's contract for them is fp64_relative(2), checked here.
+        assert fr.contract(region) is not bitwise
+        fr.contract(region).check(ref, out, fp64_ref=_eager(region, [x.double()])[0].double())
+        return
     d = ulp_distance(ref, out)
     assert float(d.max()) == 0, f"{op} {dtype}: {int((d > 0).sum())} elements differ, max {float(d.max())} ulp"
 
