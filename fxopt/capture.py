@@ -68,27 +68,11 @@ def _takes_use_cache(model: torch.nn.Module) -> bool:
     return known
 
 
-def injected_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
-    """Keyword arguments capture adds to a call that did not set them (HF's ``use_cache=False``)."""
-    return {"use_cache": False} if _takes_use_cache(model) and "use_cache" not in kwargs else {}
-
-
-def prepare_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
+def prepare_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, *,
+                 _inject: bool = False) -> tuple[tuple, dict]:
     """The user's (args, kwargs) as a tuple and a dict, checked, with nothing added: what the
-    captured graph takes (capture adds and then removes ``use_cache``, see :func:`capture`)."""
-    args, full = normalize_call(model, args, kwargs)
-    extra = injected_kwargs(model, dict(kwargs or {}))
-    return args, {k: v for k, v in full.items() if k not in extra}
-
-
-def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
-    """The (args, kwargs) the model is run with under capture.
-
-    HF models return a cache object unless ``use_cache=False``; export rejects it
-    (it is not a pytree). Users will call ``fxopt.optimize(model, (ids,))``, so we add
-    ``use_cache=False`` when the caller did not choose. An explicit ``use_cache=True``
-    is refused with advice instead of silently changing what the model returns.
-    """
+    captured graph takes (capture adds and then removes ``use_cache``, see :func:`capture`).
+    Runs on every call of an OptimizedModule, so it does one pass and one dict copy."""
     if isinstance(args, torch.Tensor):
         args = (args,)
     elif isinstance(args, list):
@@ -107,8 +91,20 @@ def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None =
                 "(the default fxopt uses), or write a decode-step wrapper that takes and returns the cache as "
                 "explicit tensors and capture that."
             )
-        kwargs.setdefault("use_cache", False)
+        if _inject:
+            kwargs.setdefault("use_cache", False)
     return args, kwargs
+
+
+def normalize_call(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """The (args, kwargs) the model is run with under capture.
+
+    HF models return a cache object unless ``use_cache=False``; export rejects it
+    (it is not a pytree). Users will call ``fxopt.optimize(model, (ids,))``, so we add
+    ``use_cache=False`` when the caller did not choose. An explicit ``use_cache=True``
+    is refused with advice instead of silently changing what the model returns.
+    """
+    return prepare_call(model, args, kwargs, _inject=True)
 
 
 # --------------------------------------------------------------------------- errors

@@ -53,7 +53,7 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self.model = model
         modules = list(model.named_modules(remove_duplicate=False))
-        self._modules = [(name, m) for name, m in modules]
+        self.modules = [(name, m) for name, m in modules]
         # (owner's dict, key, the object there at capture, its name for messages)
         self._children = [(m._modules, k, c, f"{name + '.' if name else ''}{k}")
                           for name, m in modules for k, c in m._modules.items()]
@@ -69,25 +69,26 @@ class ModelState:
     def mode(self) -> tuple:
         """Every module's train/eval flag: part of a specialisation's key (a mode switch selects
         another specialisation; switching back finds the first one again)."""
-        return tuple(m.training for _, m in self._modules)
+        return tuple(m.training for _, m in self.modules)
 
     def check(self) -> Optional[str]:
         for store, k, child, where in self._children:
             if store.get(k) is not child:
                 return f"module {where} was replaced"
-        for m, nm, np_, nb in self._sizes:
+        hooked = _global_hooks()
+        for m, nm, np_, nb in self._sizes:  # one pass over the modules: sizes and hooks
             if len(m._modules) != nm or len(m._parameters) != np_ or len(m._buffers) != nb:
                 return f"{type(m).__name__} gained or lost a submodule, parameter or buffer"
+            hooked = hooked or bool(m._forward_hooks or m._forward_pre_hooks)
         for store, k, t, state, where in self._tensors:
             cur = store.get(k)
             if cur is not t:
-                return f"{where} was reassigned"
+                return f"{where} was reassigned (replaced by another tensor)"
             # A new device or ``param.data = ...`` means new storage: data_ptr covers both.
             if cur.dtype != state[0] or cur.data_ptr() != state[3] or cur.shape != state[2]:
                 now = _tensor_state(cur)
                 return f"{where} changed dtype/device/shape/storage ({state[0]}, {state[1]}, {list(state[2])} -> " \
                        f"{now[0]}, {now[1]}, {list(now[2])})"
-        hooked = _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for _, m in self._modules)
         if hooked != bool(self.hooks):
             return "forward hooks were registered" if hooked else "forward hooks were removed"
         return None
