@@ -35,28 +35,13 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
     index from layer ``peel + 1`` on (only the first iteration may differ in literals: it reads
     the embeddings rather than the previous layer)."""
     t0 = time.perf_counter()
-    depths = [peel + 2, peel + 3, peel + 4]
-    if n <= depths[0]:
+    if n <= peel + 2:
         return "every layer was captured"
-    depths = [d for d in depths if d <= n]
-    if len(depths) < 3:
-        depths = [peel + 1, peel + 2, peel + 3]  # a stack of peel + 3 layers: the proxies it has
-        if depths[-1] > n:
-            return "every layer was captured"
-    proxies = [truncated_proxy(model, path, d) for d in depths]
-    # Meta tensors record ~4x faster than FakeTensorMode; use them unless the model's code
-    # takes another path on the meta device (then its stream is not what runs).
-    how, first = "meta", lc.record_stream(proxies[0], args, kwargs, how="fake", layer_path=path)
+    # a stack of only peel + 3 layers has no deeper proxies: fit on the ones it has
+    depths = [peel + 2, peel + 3, peel + 4] if n >= peel + 4 else [peel + 1, peel + 2, peel + 3]
+    runs = [(truncated_proxy(model, path, d), args, kwargs) for d in depths]
     try:
-        meta = lc.record_stream(proxies[0], args, kwargs, how="meta", layer_path=path)
-        if lc._same_modulo_device(meta, first) is not None:
-            how = "fake"
-    except TemplateMismatch:
-        how = "fake"
-    streams = [first if how == "fake" else meta] + [
-        lc.record_stream(p, args, kwargs, how=how, layer_path=path) for p in proxies[1:]]
-    try:
-        predicted = lc.fit_streams(streams, depths, max_lo=peel + 1, max_hi=0)
+        predicted = lc.fit_runs(runs, depths, layer_path=path, max_lo=peel + 1, max_hi=0)
     except TemplateMismatch as exc:
         raise TemplateMismatch(f"the layers' op streams do not repeat one block: {exc}") from exc
     loops = [p for p in predicted.pieces if isinstance(p, lc._Loop)]
@@ -68,13 +53,8 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
         raise TemplateMismatch(
             f"the layers' op streams do not repeat one block over every layer ({len(loops)} loop(s), "
             f"iterations {counts} at depths {depths}): some layer computes something else")
-    full = lc.record_stream(model, args, kwargs, how=how, layer_path=path)
     try:
-        predicted.check(n, full)
-    except lc.StreamDivergence as exc:
-        where = lc.source_line(model, args, kwargs, exc.index, how)
-        raise TemplateMismatch(f"the {n}-layer model's op stream is not the layer template's: {exc}"
-                               + (f" [issued at {where}]" if where else "")) from exc
+        full = lc.verify(predicted, model, args, kwargs, n, layer_path=path)
     except TemplateMismatch as exc:
         raise TemplateMismatch(f"the {n}-layer model's op stream is not the layer template's: {exc}") from exc
     return f"op stream of all {n} layers verified ({len(full)} ops, {time.perf_counter() - t0:.2f} s)"

@@ -687,19 +687,26 @@ def _same_modulo_device(a: OpStream, b: OpStream) -> int | None:
 
 
 def fit_module(module: torch.nn.Module, calls: Sequence[tuple[tuple, dict]], lengths: Sequence[int]) -> StreamModel:
-    """Record ``module`` at each probe call and fit the :class:`StreamModel`.
+    """Record ``module`` at each probe call and fit the :class:`StreamModel` (see :func:`fit_runs`)."""
+    return fit_runs([(module, a, k) for a, k in calls], lengths)
+
+
+def fit_runs(runs: Sequence[tuple[torch.nn.Module, tuple, dict]], lengths: Sequence[int], *,
+             layer_path: str | None = None, **fit: int) -> StreamModel:
+    """Record each ``(module, args, kwargs)`` run (one per probe length, or per depth for
+    ``layer_check.py``) and fit the :class:`StreamModel`; ``fit`` goes to :func:`fit_streams`.
 
     The check at the real length should be cheap, so it records on meta tensors; at the
-    probes the module is recorded both ways, and the meta recording is used only when
+    probes each run is recorded both ways, and the meta recording is used only when
     both agree (the model's code does not branch on the device): otherwise the model
     records with FakeTensorMode (real devices) at every length."""
     metas, fakes = [], []
     how = "meta"
-    for a, k in calls:
-        fakes.append(record_stream(module, a, k, how="fake"))
+    for module, a, k in runs:
+        fakes.append(record_stream(module, a, k, how="fake", layer_path=layer_path))
         if how == "meta":
             try:
-                metas.append(record_stream(module, a, k, how="meta"))
+                metas.append(record_stream(module, a, k, how="meta", layer_path=layer_path))
             except TemplateMismatch as exc:
                 log.debug("meta recording refused (%s): recording with fake tensors", exc)
                 how = "fake"
@@ -708,15 +715,16 @@ def fit_module(module: torch.nn.Module, calls: Sequence[tuple[tuple, dict]], len
                 log.debug("meta and fake recordings differ at op #%d: recording with fake tensors",
                           _same_modulo_device(metas[-1], fakes[-1]))
                 how = "fake"
-    model = fit_streams(metas if how == "meta" else fakes, lengths)
+    model = fit_streams(metas if how == "meta" else fakes, lengths, **fit)
     model.how = how
     return model
 
 
-def verify(model: StreamModel, module: torch.nn.Module, args: tuple, kwargs: dict, length: int) -> OpStream:
+def verify(model: StreamModel, module: torch.nn.Module, args: tuple, kwargs: dict, length: int, *,
+           layer_path: str | None = None) -> OpStream:
     """Record ``module`` at ``length`` and check the stream against ``model``; on a
     divergence the error also names the model's source line that issued the op."""
-    stream = record_stream(module, args, kwargs, how=model.how)
+    stream = record_stream(module, args, kwargs, how=model.how, layer_path=layer_path)
     try:
         model.check(length, stream)
     except StreamDivergence as exc:
