@@ -130,14 +130,7 @@ def test_load_trained_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- quality on the trained assets
-def _needs(family):
-    path = trained.asset_path(family)
-    return pytest.mark.skipif(not path.is_file(), reason=(
-        f"trained asset {path.relative_to(ROOT)} absent: the coordinator trains it on the GPU machine with "
-        f"`python benchmarks/train_small.py --model {family}` and commits it"))
-
-
-@_needs("gpt_neox")
+# (shipped with the package: a missing asset fails on load)
 def test_trained_gpt_neox_perplexity_monotone_in_rank():
     """Held-out bits per byte: lossless latent == the model's; then non-decreasing as the uniform
     rank halves down to d/16, and clearly worse at d/16; calibrated (on training bytes) no worse
@@ -167,7 +160,6 @@ def test_trained_gpt_neox_perplexity_monotone_in_rank():
     assert calibrated <= curve[3] + 1e-3, (calibrated, curve[3])
 
 
-@_needs("gpt_neox")
 def test_trained_gpt_neox_greedy_agreement():
     """Greedy continuations of held-out prompts: the lossless latent model's cached generation is
     token-for-token HF's; a d/16 latent agrees less (the agreement measure can fail)."""
@@ -185,7 +177,6 @@ def test_trained_gpt_neox_greedy_agreement():
     assert agreement < 1.0
 
 
-@_needs("mamba")
 def test_trained_mamba_loads_and_predicts_python():
     model = trained.load_trained("mamba")
     wins = trained.heldout_windows(256, max_windows=2)
