@@ -22,7 +22,8 @@ in the prefix/suffix before the first/after the last layer node), and check:
 :meth:`LayerTemplate.instantiate` then builds the ``n``-layer graph (block ``i`` reads
 ``<path>.<i>.*``) and re-propagates fake-tensor metadata. Anything that does not fit
 raises :class:`~fxopt.length_generic.TemplateMismatch` and the caller captures the whole
-model instead.
+model instead; so does a probe graph a pass marked with :func:`refuse_template` (a pass
+that cannot rewrite a proxy holding some of the layers as it rewrites the whole model).
 
 Which layers the proxies hold: layer 0, then the *last* layer, then a middle one
 (k = 2: ``[0, n-1]``, k = 3: ``[0, n//2, n-1]``), so code that branches on a layer index
@@ -69,6 +70,24 @@ from .length_generic import TemplateMismatch, repropagate
 MIN_LAYERS = 4
 DEFAULT_KS: tuple[int, ...] = (1, 2, 3)
 PEEL = 1  # leading layers a peeled template copies verbatim (layer 0)
+
+# A pass that cannot rewrite a probe (a proxy holding some of the layers) the way it would
+# rewrite the whole model sets ``gm.meta[NO_TEMPLATE_KEY] = why`` on the probe's graph; the
+# template is then refused and optimize captures the whole model. Without it such a pass could
+# leave the probes unchanged (declining them) and the template, fitted to unchanged probes,
+# would silently stand for a model the pass never rewrote.
+NO_TEMPLATE_KEY = "fxopt_no_layer_template"
+
+
+def refuse_template(gm: torch.fx.GraphModule, why: str) -> None:
+    """Mark ``gm`` (a pass's output) as not to be used as a layer-template probe, saying why."""
+    gm.meta[NO_TEMPLATE_KEY] = why
+
+
+def _check_not_refused(gm: torch.fx.GraphModule, k: int) -> None:
+    why = getattr(gm, "meta", {}).get(NO_TEMPLATE_KEY)
+    if why:
+        raise TemplateMismatch(f"a pass refused the {k}-layer probe as a layer template: {why}")
 
 
 # ----------------------------------------------------------------- finding the stack
@@ -522,6 +541,7 @@ def build_layer_template(
     def graph(k: int) -> torch.fx.GraphModule:
         if k not in graphs:
             graphs[k] = optimize_at(truncated_proxy(model, path, _probe_layers(n, k)), args, kwargs)
+            _check_not_refused(graphs[k], k)  # before any more probes are captured
         return graphs[k]
 
     reason = _layers_differ(graph(2), path)
@@ -596,6 +616,7 @@ def fit_layer_template(model: torch.nn.Module, path: str, n: int,
     layers = _Layers(path)
     splits = []
     for gm, k in zip(graphs, ks):
+        _check_not_refused(gm, k)
         splits.append(_split(gm, layers, k))
         _check_shared(splits[-1], model, layers, _probe_layers(n, k))
 

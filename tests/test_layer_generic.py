@@ -1,5 +1,7 @@
 """Layer-generic templates: deep models are optimized from proxies holding 1-3 layers."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -348,3 +350,69 @@ def test_peeled_layers_compose_with_length_templates():
     notes = opt.report().notes
     assert _peeled(opt) and any(x.startswith("length-generic: graph instantiated at L=40") for x in notes), notes
     assert torch.equal(opt(ids), model(ids))
+
+
+# ------------------------------------------------------------------ a pass refusing the probes
+
+class _RefuseAt(fxopt.pass_base.Pass):
+    """Refuses graphs holding ``depths`` layers (a pass that cannot rewrite such a probe as it
+    rewrites the whole model); changes nothing. Counts the depths it saw."""
+
+    name = "refuse_at"
+    fixpoint = False
+
+    def __init__(self, depths, why="the probe is not the model"):
+        self.depths, self.why, self.seen = set(depths), why, []
+
+    def call(self, gm):
+        k = sum(1 for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == "aten.tanh.default")
+        self.seen.append(k)
+        if k in self.depths:
+            lyr.refuse_template(gm, self.why)
+        return fxopt.pass_base.PassResult(gm, False)
+
+
+def test_a_pass_refusing_a_probe_makes_optimize_capture_the_whole_model():
+    model = _stack()
+    ids = torch.randint(0, 16, (2, 8))
+    p = _RefuseAt({2}, why="latent cache laid out for 6 layers")
+    opt = fxopt.optimize(model, (ids,), passes=[p])
+    assert not _used_layers(opt)
+    note = next(n for n in opt.report().notes if n.startswith("layer-generic template not used"))
+    assert "refused the 2-layer probe" in note and "latent cache laid out for 6 layers" in note
+    assert p.seen == [2, 6]  # refused at the first probe: no more probes captured, then the whole model
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_a_pass_refusing_other_depths_leaves_the_template_alone():
+    """Look-alike: the same pass refusing a depth no probe has (and the whole model's graph,
+    which is not a probe) does not stop the template."""
+    model = _stack()
+    ids = torch.randint(0, 16, (2, 8))
+    p = _RefuseAt({4, 6})
+    opt = fxopt.optimize(model, (ids,), passes=[p])
+    assert _used_layers(opt), opt.report().notes
+    assert 6 not in p.seen and sorted(p.seen) == [1, 2, 3]
+    assert torch.equal(opt(ids), model(ids))
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(4, 6), refused=st.sets(st.integers(1, 3), min_size=1))
+def test_any_refused_probe_depth_falls_back_to_a_whole_capture(n, refused):
+    model = _stack(n=n)
+    ids = torch.randint(0, 16, (2, 8))
+    p = _RefuseAt(refused)
+    opt = fxopt.optimize(model, (ids,), passes=[p])
+    assert not _used_layers(opt)
+    assert p.seen[-1] == n and p.seen.count(n) == 1  # the fallback: one capture of every layer
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_fit_layer_template_refuses_marked_graphs():
+    model = _stack(n=5)
+    ids = torch.randint(0, 16, (2, 8))
+    graphs = [fxopt.capture(lyr.truncated_proxy(model, "layers", lyr._probe_layers(5, k)), (ids,), {}) for k in (1, 2, 3)]
+    assert lyr.fit_layer_template(model, "layers", 5, graphs).instantiate(5, (ids,), {}) is not None
+    lyr.refuse_template(graphs[1], "marked")
+    with pytest.raises(lg.TemplateMismatch, match="refused the 2-layer probe as a layer template: marked"):
+        lyr.fit_layer_template(model, "layers", 5, graphs)

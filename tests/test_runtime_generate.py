@@ -4,12 +4,14 @@ graphs) and clear errors."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import fxopt
 from fxopt import runtime
 from fxopt.models.hf import tiny_gpt_neox
-from fxopt.runtime.engine import runtime_for
+from fxopt.runtime.engine import inferred_attention_mask, runtime_for
 
 
 def _left_padded(b: int, length: int, pads: list[int], seed: int = 0):
@@ -310,3 +312,78 @@ def test_threads_share_one_optimized_module(neox):
     for t in threads:
         t.join()
     assert errors == []
+
+
+# ----------------------------------------------------------------------------- HF's inferred mask
+def _with_pads(seed=30):
+    """Row 0 starts with the pad token 2 and holds it again in the middle (a hole); row 1 has none."""
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    ids[0, 0] = ids[0, 4] = 2
+    return ids
+
+
+def test_pad_token_in_the_prompt_is_masked_as_hf_infers(neox):
+    """HF's generate, given no attention_mask, masks the prompt's pad tokens when the pad token is
+    not an eos token (the trained byte model's separator 0 is its pad id: issue 13's step-16
+    divergence from HF was this, not the latent cache)."""
+    model, opt = neox
+    ids = _with_pads()
+    kw = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=2)
+    out = runtime.generate(opt, ids, **kw)
+    assert torch.equal(out, _hf(model, ids, None, **kw))
+    # the mask matters: treating the pad tokens as real ones gives other tokens (both as HF)
+    ones = runtime.generate(opt, ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(ones, _hf(model, ids, torch.ones_like(ids), **kw))
+    assert not torch.equal(ones[0], out[0]) and torch.equal(ones[1], out[1])
+
+
+def test_pad_token_that_is_also_eos_is_not_masked(neox):
+    """Look-alike: the same prompt with pad == eos: HF infers no mask (it cannot tell a pad from a
+    document end), and neither does the runtime; with no pad token at all nothing is inferred."""
+    model, opt = neox
+    ids = _with_pads()
+    kw = dict(max_new_tokens=10, eos_token_id=2, pad_token_id=2)
+    out = runtime.generate(opt, ids, **kw)
+    assert torch.equal(out, _hf(model, ids, None, **kw))
+    assert torch.equal(out, _hf(model, ids, torch.ones_like(ids), **kw))
+    params = runtime.sampling.resolve(model, do_sample=False, temperature=None, top_k=None, top_p=None,
+                                      eos_token_id=None, pad_token_id=None)
+    assert params.pad_token_id is None and inferred_attention_mask(ids, params) is None
+
+
+def test_prompt_ending_in_the_pad_token_is_a_clear_error(neox):
+    model, opt = neox
+    ids = _with_pads()
+    ids[1, -1] = 2
+    with pytest.raises(runtime.GenerateError, match="ends with the pad token 2.*attention_mask explicitly"):
+        runtime.generate(opt, ids, max_new_tokens=3, eos_token_id=None, pad_token_id=2)
+    out = runtime.generate(opt, ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, eos_token_id=None,
+                           pad_token_id=2)  # the way out the message names
+    assert torch.equal(out, _hf(model, ids, torch.ones_like(ids), max_new_tokens=3, eos_token_id=None, pad_token_id=2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), pad=st.one_of(st.none(), st.integers(0, 4)),
+       eos=st.one_of(st.none(), st.integers(0, 4), st.lists(st.integers(0, 4), min_size=1, max_size=2)))
+def test_inferred_mask_is_hfs(neox, data, pad, eos):
+    """inferred_attention_mask is HF's _prepare_attention_mask_for_generation (after HF's own
+    special-token resolution: pad falls back to the first eos), or an error where HF's mask would
+    hide a row's last prompt token."""
+    import copy
+
+    model, _ = neox
+    b, length = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
+    ids = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 5), min_size=length, max_size=length),
+                                          min_size=b, max_size=b)))
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.pad_token_id, cfg.eos_token_id = pad, eos
+    model._prepare_special_tokens(cfg, kwargs_has_attention_mask=False, device="cpu")
+    hf = model._prepare_attention_mask_for_generation(ids, cfg, {})
+    params = runtime.sampling.resolve(model, do_sample=False, temperature=None, top_k=None, top_p=None,
+                                      eos_token_id=eos, pad_token_id=pad)
+    if bool((hf[:, -1] == 0).any()):
+        with pytest.raises(runtime.GenerateError, match="ends with the pad token"):
+            inferred_attention_mask(ids, params)
+        return
+    mine = inferred_attention_mask(ids, params)
+    assert torch.equal(hf, torch.ones_like(ids)) if mine is None else torch.equal(mine, hf)

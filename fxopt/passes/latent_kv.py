@@ -55,7 +55,13 @@ ids)`` measures them); ``decode="absorb" | "reconstruct"``; ``damping``, ``energ
 **Weights and templates**: the factorisation of a layer is computed once per weight tensor (cached
 on the pass object, so the forward, prefill and decode graphs share it). optimize's layer templates
 cannot express per-layer weights that are not the model's own, so graphs this pass rewrites are
-captured whole (the template check fails and optimize falls back, with a note).
+captured whole: the pass refuses the template on every graph it rewrites
+(:func:`fxopt.layer_generic.refuse_template`; optimize falls back, with a note). The runtime's
+prefill / decode probes (1-3 of the layers over the whole model's cache) cannot be rewritten as
+the whole model is (the latent cache is laid out for every layer): the pass declines them *and*
+refuses the template, so the generation graphs are captured whole and rewritten -- declining
+alone let a template fitted to the unchanged probes stand in, and ``generate`` ran over the MHA
+cache for models of 4+ layers.
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ import torch.fx
 from torch.fx import Node
 
 from ..graph_utils import propagate_meta
+from ..layer_generic import refuse_template
 from ..latent import (DEFAULT_DAMPING, AttentionShape, Calibration, LatentFactorization, LatentKVError, LatentLayer,
                       allocate_ranks, layer_svd, split_qkv, truncate, whitening)
 from ..latent.budget import latent_bytes_per_token, mha_bytes_per_token
@@ -103,6 +110,7 @@ class _Plan:
     rejections: list[Rejection] = field(default_factory=list)
     note: Optional[str] = None
     cache: Optional[CacheSpec] = None
+    refuse_template: Optional[str] = None  # why optimize must not build a layer template from this graph
 
 
 def latent_report(graph_module):
@@ -211,7 +219,17 @@ class LatentKVPass(Pass):
         elif plan.cache is not None:
             n_layers, _, _, H, _, hd = plan.cache.entries[0].shape
             layers = sorted(s.layer for s in sites)
-            if layers != list(range(n_layers)):
+            if layers == list(range(len(layers))) and len(layers) < n_layers:
+                # optimize's layer-template probes (proxies holding 1-3 of the layers) take the whole
+                # model's cache; the latent cache is laid out for every layer, so a probe cannot be
+                # rewritten the way the whole model is. Declining it silently would let the template,
+                # fitted to unchanged probes, stand for a model this pass never rewrote (the runtime
+                # then generating over the MHA cache): refuse the template instead.
+                why = (f"the graph holds attention layers 0-{len(layers) - 1} of the {n_layers} its cache has (a "
+                       "layer-template probe): the latent cache is laid out for the whole model, whose graph is "
+                       "captured whole instead")
+                plan.refuse_template = why
+            elif layers != list(range(n_layers)):
                 why = (f"the sites write cache layers {layers}, the cache holds {n_layers} (every layer must be "
                        "found once)")
             elif (H, hd) != (sites[0].heads, sites[0].head_dim):
@@ -293,6 +311,8 @@ class LatentKVPass(Pass):
         for r in plan.rejections:
             log.debug("latent_kv: left alone: %s", r)
         stats = {"matches": 0, f"rule:{RULE}": 0, "declined": len(plan.rejections)}
+        if plan.refuse_template is not None:
+            refuse_template(gm, f"latent_kv: {plan.refuse_template}")
         if not plan.sites:
             self.last_report = None
             return PassResult(gm, False, stats)
@@ -315,6 +335,10 @@ class LatentKVPass(Pass):
             gm.graph.erase_node(ph)
         report = fact.report()
         gm.meta[REPORT_KEY] = report
+        # the rewritten layers read their own latent weights, not the model's: no layer template can
+        # hold them (said here rather than left to the template's own checks to find)
+        refuse_template(gm, "latent_kv: the rewritten attention layers read per-layer latent weights that are not "
+                            "the model's own parameters")
         self.last_report = report
         stats.update(_report_stats(report))
         stats["matches"] = stats[f"rule:{RULE}"] = len(plan.sites)

@@ -20,7 +20,9 @@ share decode graphs and caches. At most :data:`MAX_CACHES` caches stay allocated
 
 Generation follows HF's ``generate`` token for token (greedy), with its eos / pad semantics: a
 row that produced an eos token gets ``pad_token_id`` from then on, and generation stops when every
-row has finished or after ``max_new_tokens``. Nothing is read back to the host per token except
+row has finished or after ``max_new_tokens``; without an ``attention_mask``, prompt positions
+holding the pad token are masked when the pad token is not an eos token, as HF infers its mask
+(:func:`inferred_attention_mask`). Nothing is read back to the host per token except
 the eos check, which is batched (every :data:`EOS_CHECK_EVERY` tokens; the output is trimmed to
 where HF would have stopped). With a ``streamer`` (HF's ``BaseStreamer``: ``put`` then ``end``)
 every token is read back as it is produced, as HF does.
@@ -237,6 +239,8 @@ class Runtime:
                                 f"{getattr(generator, 'device', type(generator).__name__)}")
         params = sampling.resolve(self.model, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if attention_mask is None:
+            mask = inferred_attention_mask(ids, params)
         with self.lock, torch.no_grad():
             self._revalidate()
             return self._generate(ids, mask, steps, params, streamer, generator)
@@ -305,6 +309,34 @@ class Runtime:
         if streamer is not None:
             streamer.end()
         return torch.cat([ids, out[:, :n]], dim=1)
+
+
+def inferred_attention_mask(ids: torch.Tensor, params: sampling.GenerationParams) -> Optional[torch.Tensor]:
+    """The mask HF's ``generate`` makes up when it is given none
+    (``GenerationMixin._prepare_attention_mask_for_generation``): ``ids != pad_token_id`` when the
+    (resolved) pad token occurs in ``ids`` and is not an eos token; None (attend to everything)
+    otherwise. Without it, a prompt holding the pad token (a byte-level model whose pad id is
+    also its document separator) gets other tokens than HF's: HF masks those positions and
+    counts positions without them.
+
+    Raises :class:`GenerateError` when that mask would hide the last prompt token of a row (HF
+    then generates after a masked position, with a right-padding warning; the runtime supports
+    left padding and holes only): pass ``attention_mask`` explicitly."""
+    pad = params.pad_token_id
+    if pad is None or pad in params.eos_token_ids:
+        return None  # HF: nothing to infer from (pad unset, or pad and eos alike)
+    keep = ids.ne(pad)
+    if bool(keep.all()):
+        return None
+    if bool((~keep[:, -1]).any()):
+        raise GenerateError(
+            f"no attention_mask was given and the prompt ends with the pad token {pad}: HF's generate would mask "
+            f"every pad token (attention_mask = input_ids != {pad}) and so the last prompt position, which fxopt's "
+            "runtime does not support (left padding only). Pass attention_mask explicitly (torch.ones_like(input_ids) "
+            f"if {pad} is a real token here), or another pad_token_id")
+    log.info("generate: no attention_mask given and the pad token %d occurs in input_ids: those positions are masked, "
+             "as HF's generate does (pass attention_mask=torch.ones_like(input_ids) if %d is a real token)", pad, pad)
+    return keep.long()
 
 
 def _positive(name: str, value) -> int:
