@@ -190,8 +190,45 @@ def run_row(row: str, family: str, model, ids, args, device, opt_holder: dict) -
         rt = runtime_for(opt_holder["opt"])
         res["graph_replays"] = rt._replay.stats["replays"]
         res["notes"] = (rt.stats.notes + rt._replay.notes)[-6:]
+        if args.profile and device.type == "cuda" and row == "fxopt":
+            res["profile"] = kernel_profile(gen, device)
     res["tokens"] = out[:, prompt:].cpu()
     return res
+
+
+def _kernel_totals(fn) -> dict:
+    """{kernel name: [calls, total device µs]} of the CUDA kernels ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = out.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.device_time if hasattr(e, "device_time") else e.cuda_time
+    return out
+
+
+def kernel_profile(gen, device, steps: int = 16) -> dict:
+    """Where a decode step's device time goes: kernels of gen(steps + 1) minus those of gen(1),
+    per step (count, µs), grouped by kernel name; the top 12 and the sum."""
+    short, long = _kernel_totals(lambda: gen(1)), _kernel_totals(lambda: gen(steps + 1))
+    per = {}
+    for name, (calls, us) in long.items():
+        c0, u0 = short.get(name, (0, 0.0))
+        if calls - c0 > 0:
+            per[name] = ((calls - c0) / steps, (us - u0) / steps)
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:12]
+    total_us = sum(v[1] for v in per.values())
+    kernels = sum(v[0] for v in per.values())
+    print(f"  decode step: {kernels:.0f} kernels, {total_us:.0f} µs device time per token", flush=True)
+    for name, (calls, us) in top:
+        print(f"    {us:8.1f} µs {calls:6.1f}x  {name[:110]}", flush=True)
+    return dict(kernels_per_token=kernels, device_us_per_token=total_us,
+                top=[dict(name=n[:160], calls=c, us=u) for n, (c, u) in top])
 
 
 def floor_row(family, model, ids, args, bw, opt_holder) -> dict:
@@ -259,6 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=900.0, help="skip sections that would start after this")
     p.add_argument("--hf-eager-mamba-batched", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="fxopt rows: device time per decode step by kernel")
     p.add_argument("--child-peers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     smoke = args.smoke

@@ -4,8 +4,8 @@ Rows: HF eager; fxopt with the default passes and with ``fxopt.registry.BLOCK_PA
 SDPA restored, fused regions), each replayed as a CUDA graph (``cuda_graphs="auto"``, the default)
 and not; the compute floor (2 * parameters * tokens at the H200's dense fp16 rate). Per fxopt row:
 optimize() seconds (the soundness checks included), whether the logits are bit-equal to eager's,
-the max |logit difference|, and the report's match counts. torch.compile is not re-run here (the
-issue measured 27.7 ms after 41 s of compile on the same machine and day).
+the max |logit difference|, and the report's match counts. ``--compile`` adds torch.compile
+(default mode) with its compile time (the first call) and the same bit-equality columns.
 
     python benchmarks/prefill.py --json out/prefill.json          # GPU
     python benchmarks/prefill.py --smoke                          # CPU, tiny model (tested)
@@ -60,12 +60,31 @@ def timed_ms(fn, device: str, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def compile_row(model, ids, ref, device: str, iters: int, b: int, length: int) -> dict:
+    """torch.compile (default mode) of the same model: first-call (compile) seconds, then ms/call."""
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = compiled(ids).logits
+        if device == "cuda":
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        ms = timed_ms(lambda: compiled(ids), device, iters)
+        return dict(b=b, L=length, row="torch_compile", ms=ms, compile_s=compile_s,
+                    bit_equal=bool(torch.equal(out, ref)), max_abs_diff=(out.float() - ref.float()).abs().max().item())
+    except Exception as exc:  # noqa: BLE001 - one failing row must not hide the table
+        return dict(b=b, L=length, row="torch_compile", ms=None, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--shapes", default="1x2048,8x2048", help="comma-separated BxL")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true", help="also a torch.compile row (its compile time included)")
     args = ap.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.float16
@@ -80,6 +99,9 @@ def main(argv=None) -> int:
             ref = model(ids).logits
         rows.append(dict(b=b, L=length, row="hf_eager", ms=timed_ms(lambda: model(ids), device, iters)))
         rows.append(dict(b=b, L=length, row="floor_compute", ms=2 * params * b * length / PEAK_FP16_FLOPS * 1e3))
+        if args.compile:
+            rows.append(compile_row(model, ids, ref, device, iters, b, length))
+            print(json.dumps(rows[-1]), flush=True)
         for label, passes in (("default", DEFAULT_PASSES), ("block", BLOCK_PASSES)):
             for graphs in (False, "auto"):
                 t0 = time.perf_counter()
@@ -103,10 +125,10 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    print(f"\n{'b':>3} {'L':>5}  {'row':<22}{'ms':>9}{'optimize s':>12}{'bit-equal':>11}{'max|diff|':>11}")
+    print(f"\n{'b':>3} {'L':>5}  {'row':<22}{'ms':>9}{'opt|compile s':>14}{'bit-equal':>11}{'max|diff|':>11}")
     for r in rows:
         ms = f"{r['ms']:9.2f}" if r.get("ms") is not None else f"{'-':>9}"
-        print(f"{r['b']:>3} {r['L']:>5}  {r['row']:<22}{ms}{r.get('optimize_s', float('nan')):>12.1f}"
+        print(f"{r['b']:>3} {r['L']:>5}  {r['row']:<22}{ms}{r.get('optimize_s', r.get('compile_s', float('nan'))):>14.1f}"
               f"{str(r.get('bit_equal', '')):>11}{r.get('max_abs_diff', float('nan')):>11.3g}"
               + (f"  {r['error']}" if "error" in r else ""))
     if args.json:

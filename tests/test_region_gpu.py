@@ -101,7 +101,7 @@ def test_transcendentals_bitwise_claim(op, dtype):
         # 3 ulp (fp16) / 128 ulp (bf16) and a sign-of-zero-sized fp32 difference: Triton's erf is
         # not ATen's. The op's contract for them is fp64_relative(2), checked here.
         assert fr.contract(region) is not bitwise
-        fr.contract(region).check(ref, out, fp64_ref=_eager(region, [x.double()])[0].double())
+        fr.contract(region).check(ref, out, fp64_ref=region.in_fp64().evaluate([x.double()])[0])
         return
     d = ulp_distance(ref, out)
     assert float(d.max()) == 0, f"{op} {dtype}: {int((d > 0).sum())} elements differ, max {float(d.max())} ulp"

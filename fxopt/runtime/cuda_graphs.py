@@ -27,7 +27,10 @@ Contract:
 * **Fallback.** A key whose call cannot be captured runs eagerly every time, with a note in
   :attr:`notes`: CPU (non-CUDA) tensors, gradients being recorded, an in-place write to a
   non-static input, or a capture that fails (host synchronisation such as ``.item()`` or a
-  data-dependent shape, which CUDA refuses while capturing).
+  data-dependent shape, which CUDA refuses while capturing). A failed CUDA capture is retried
+  after a new warm-up, up to :data:`MAX_CAPTURE_ATTEMPTS` times (another thread's device-wide
+  sync can invalidate a capture of a perfectly capturable call); after a failure the default
+  generator's state is restored (torch leaves it in capture mode) and a fresh memory pool is used.
 * **Soundness hook.** ``check() -> reason | None`` runs before every replay; a reason (e.g. the
   model's parameters were replaced, its mode changed) drops every captured graph and runs the call
   eagerly, with the reason noted. Keys are captured again (after a warm-up) once ``check`` passes.
@@ -54,11 +57,20 @@ log = logging.getLogger("fxopt")
 
 _NONTENSOR_OUT = (int, float, bool, str, type(None))
 
+# A CUDA capture can be invalidated by what other threads do meanwhile (a device-wide sync, a
+# synchronous copy on the legacy stream): such a failure says nothing about the function, so a
+# key is warmed up and captured again, up to this many attempts, before it runs eagerly for good.
+MAX_CAPTURE_ATTEMPTS = 3
+# One capture at a time in the process: two GraphReplays capturing at once from two threads
+# would interleave their allocations into each other's pools.
+_CAPTURE_LOCK = threading.Lock()
+
 
 @dataclass
 class _Entry:
     calls: int = 0
     reason: Optional[str] = None
+    failures: int = 0
     graph: Any = None
     static_in: list = field(default_factory=list)     # per input leaf: buffer, the static tensor, or the value
     static_out: list = field(default_factory=list)    # flat outputs of the capture call
@@ -91,6 +103,32 @@ def _flatten(args: tuple, kwargs: dict, static_args: frozenset) -> tuple[list, l
 def _call(fn, leaves, spec):
     args, kwargs = pytree.tree_unflatten(leaves, spec)
     return fn(*args, **kwargs)
+
+
+class _RngGuard:
+    """Keeps the default CUDA generator usable after a failed capture.
+
+    ``torch.cuda.graph`` puts the default generator's state into capture mode when a capture
+    begins and takes it out when the capture ends; a capture that CUDA invalidated (a host sync,
+    a forbidden call) makes ``capture_end`` raise before that second step, and from then on
+    every random op in the process fails with "Offset increment outside graph capture". So a
+    copy of the state is taken before the capture and swapped back in if it fails (a failed
+    capture produced nothing that used its random numbers)."""
+
+    def __init__(self):
+        self._gen = self._saved = None
+        try:
+            self._gen = torch.cuda.default_generators[torch.cuda.current_device()]
+            self._saved = self._gen.clone_state()
+        except (AttributeError, RuntimeError, IndexError):  # a torch without graph-safe generator states
+            self._gen = None
+
+    def restore(self) -> None:
+        if self._gen is not None:
+            try:
+                self._gen.graphsafe_set_state(self._saved)
+            except RuntimeError as exc:
+                log.warning("fxopt graph replay: could not restore the CUDA generator after a failed capture: %s", exc)
 
 
 class GraphReplay:
@@ -198,13 +236,8 @@ class GraphReplay:
         static_in = [a.clone() if isinstance(a, torch.Tensor) and not st else a for a, st in zip(leaves, static)]
         try:
             if self.backend == "cuda":
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                torch.cuda.synchronize()
-                # thread_local: CUDA work of other threads during the capture is not an error
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    out = _call(self.fn, static_in, spec)
+                with _CAPTURE_LOCK:
+                    graph, out = self._cuda_capture(static_in, spec)
             else:
                 # a CUDA capture records without executing: run on copies of everything, static
                 # arguments included, so the emulated capture has no side effect either
@@ -214,16 +247,53 @@ class GraphReplay:
             flat, spec = pytree.tree_flatten(out)
             bad = [type(o).__name__ for o in flat if not isinstance(o, (torch.Tensor,) + _NONTENSOR_OUT)]
             if bad:
+                entry.failures = MAX_CAPTURE_ATTEMPTS  # a property of the function: never retried
                 raise TypeError(f"outputs of type {bad[0]} cannot be replayed")
         except Exception as exc:  # noqa: BLE001 - an uncapturable call runs eagerly, with the reason noted
-            entry.reason = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self._note(f"{self.name}: not captured: {entry.reason}")
-            if self.backend == "cuda":
-                torch.cuda.synchronize()
+            why = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            entry.failures += 1
+            if self.backend == "cuda" and entry.failures < MAX_CAPTURE_ATTEMPTS:
+                entry.calls = 0  # warm up and try again (the failure may come from another thread's work)
+                self._note(f"{self.name}: {why} (attempt {entry.failures} of {MAX_CAPTURE_ATTEMPTS}; "
+                           "runs eagerly, retried after a warm-up)")
+            else:
+                entry.reason = why
+                self._note(f"{self.name}: not captured: {entry.reason}")
             return False
         entry.graph, entry.static_in, entry.static_out, entry.out_spec = graph, static_in, flat, spec
         self.stats["captures"] += 1
         return True
+
+    def _cuda_capture(self, static_in, spec):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        rng = _RngGuard()
+        try:
+            # thread_local: CUDA work of other threads during the capture is not an error
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = _call(self.fn, static_in, spec)
+        except BaseException:
+            rng.restore()
+            self._abandon_pool()
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError:  # the failed capture's error surfaces here too; it was reported
+                pass
+            raise
+        return graph, out
+
+    def _abandon_pool(self) -> None:
+        """After a failed capture: stop routing allocations to its pool (torch may leave it marked
+        as being recorded into) and take a fresh pool for the next capture."""
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        if end is not None and self._pool is not None:
+            try:
+                end(torch.cuda.current_device(), self._pool)
+            except (RuntimeError, TypeError):
+                pass
+        self._pool = None
 
     def _replay(self, leaves, static, spec, entry: _Entry):
         if self.backend == "cuda":
