@@ -152,7 +152,8 @@ def _hf_gen(model, ids, **extra):
 def run_row(row: str, family: str, model, ids, args, device, opt_holder: dict) -> dict:
     b, prompt = ids.shape
     n = args.new_tokens
-    res = dict(family=family, row=row, batch=b, prompt=prompt, new_tokens=n)
+    res = dict(family=family, row=row, batch=b, prompt=prompt, new_tokens=n,
+               passes=args.passes if row.startswith("fxopt") else None)
     if row in ("hf_eager", "hf_kernels"):  # hf_kernels: the same call, in the child with the kernels installed
         gen = _hf_gen(model, ids)
     elif row == "hf_compile":
@@ -165,7 +166,8 @@ def run_row(row: str, family: str, model, ids, args, device, opt_holder: dict) -
         from fxopt.runtime.engine import runtime_for
 
         if "opt" not in opt_holder:
-            t_opt, opt_holder["opt"] = timed(lambda: fxopt.optimize(model, (ids[:1, :8],)), device)
+            passes = list(fxopt.registry.BLOCK_PASSES) if args.passes == "block" else None
+            t_opt, opt_holder["opt"] = timed(lambda: fxopt.optimize(model, (ids[:1, :8],), passes=passes), device)
             opt_holder["optimize_s"] = t_opt
             res["optimize_s"] = t_opt
         opt = opt_holder["opt"]
@@ -296,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=900.0, help="skip sections that would start after this")
     p.add_argument("--hf-eager-mamba-batched", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--passes", choices=("default", "block"), default="default",
+                   help="fxopt rows: the default passes or fxopt.registry.BLOCK_PASSES")
     p.add_argument("--profile", action="store_true", help="fxopt rows: device time per decode step by kernel")
     p.add_argument("--child-peers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
