@@ -209,6 +209,51 @@ def _header() -> str:
     return " ".join(f"{c[:9]:>9}" if i > 1 else f"{c:>18}" for i, c in enumerate(_COLS))
 
 
+def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu")) -> list[dict]:
+    """Launch shapes of the generated kernels at (8, 2048, 2560): the heuristic's choice
+    (``region_triton.kernel_config``) against other rows-per-program / warps / column tiles,
+    same kernel source, CUDA-event time per call and fraction of the HBM floor. The data the
+    launch heuristic is chosen from."""
+    import dataclasses
+
+    from fxopt.codegen import region as rg
+    from fxopt.codegen import region_launch as rl
+    from fxopt.codegen import region_triton as rt
+
+    rows = []
+    b, l = SHAPES["batch"]
+    original = rt.kernel_config
+    for name, region, xs in make_cases(b, l, dtype, "cuda"):
+        if name not in kernels:
+            continue
+        floor = hbm_bytes(region, xs) / bandwidth
+        _, spec, _ = rg.plan(region, xs)
+        base = original(spec)
+        variants = [("heuristic", base)]
+        for bm in (4, 8, 16, 32, 64):
+            for nw in (2, 4, 8):
+                if bm * base.block_n <= 16384 and (bm, nw) != (base.block_m, base.num_warps):
+                    variants.append((f"bm{bm} w{nw}", dataclasses.replace(base, block_m=bm, num_warps=nw)))
+        for label, cfg in variants:
+            rt.kernel_config = lambda spec, interpret=False, _c=cfg: _c  # noqa: E731
+            try:
+                launcher = rl.make_launcher(xs, region.text, "triton")
+                ref = region.evaluate(xs)
+                out = launcher(xs)
+                same = all(torch.equal(r, o) or not rg.parse_region(region.text).numerics() == "exact"
+                           for r, o in zip(ref, out))
+                us = time_gpu(lambda: launcher(xs), 50) * 1e6
+                row = dict(kernel=name, config=label, block_m=cfg.block_m, block_n=cfg.block_n,
+                           num_warps=cfg.num_warps, us=us, pct_floor=100 * floor * 1e6 / us, bitwise_ok=same)
+            except Exception as exc:  # noqa: BLE001 - one config failing must not hide the others
+                row = dict(kernel=name, config=label, error=f"{type(exc).__name__}: {exc}"[:200])
+            finally:
+                rt.kernel_config = original
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- smoke (CPU)
 def smoke() -> dict:
     """Every kernel of the section through the Triton interpreter at tiny sizes (CPU): the
@@ -248,6 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="decode,prefill,batch")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter run at tiny sizes")
+    ap.add_argument("--sweep", action="store_true", help="launch-shape sweep of rotary_qk and bias_gelu at (8,2048)")
     args = ap.parse_args(argv)
     meta = {"torch": torch.__version__, "python": platform.python_version()}
     if args.smoke:
@@ -263,9 +309,12 @@ def main(argv=None) -> int:
         bw = copy_bandwidth()
         meta["copy_bandwidth_GBps"] = bw / 1e9
         print(f"{meta['device']}: device copy bandwidth {bw / 1e9:.0f} GB/s")
-        print(_header())
-        rows = kernel_section([s for s in args.shapes.split(",") if s], dtype, bw)
-        out = {"meta": meta, "kernels": rows}
+        if args.sweep:
+            out = {"meta": meta, "sweep": sweep_section(dtype, bw)}
+        else:
+            print(_header())
+            rows = kernel_section([s for s in args.shapes.split(",") if s], dtype, bw)
+            out = {"meta": meta, "kernels": rows}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
