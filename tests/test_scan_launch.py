@@ -4,6 +4,7 @@ the same plan. Kernels are replaced by recorders: what is checked is what each l
 """
 from __future__ import annotations
 
+import textwrap
 import types
 
 import pytest
@@ -327,3 +328,102 @@ def test_gluon_b_c_reach_the_kernel_in_a_layout_it_reads(dtype, bc_dtype, bc_lay
                                  and orig.data_ptr() % 16 == 0)
         else:
             assert rec.dtype == torch.float32 and torch.equal(rec, orig.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes: the kernels' broadcasting is the reference's; shapes they would read out of bounds raise
+# ----------------------------------------------------------------------------------------------
+_FULL = dict(u="bdl", delta="bdl", A="dn", B="bnl", C="bnl", D="d", z="bdl", h0="bdn")
+_SIZES = dict(b=2, d=3, l=9, n=4)
+
+
+def _shaped_args(shapes):
+    gen = torch.Generator().manual_seed(0)
+    ts = {r: torch.randn(shapes.get(r, tuple(_SIZES[c] for c in dims)), generator=gen) for r, dims in _FULL.items()}
+    ts["delta"] = ts["delta"].abs() * 0.5
+    ts["A"] = -ts["A"].abs()
+    return SelectiveScanArgs(*[ts[r] for r in _FULL], None)
+
+
+@settings(max_examples=80)
+@given(role=st.sampled_from(["delta", "B", "C", "D", "z", "h0"]), data=st.data())
+def test_shapes_broadcast_along_size_1_or_raise(role, data):
+    """A dimension of a tensor's role shape (u: (b, d, l), A: (d, n)) of its own size or 1 is
+    taken (1 broadcasts); any other size raises a clear CodegenError naming the tensor, before
+    anything is launched."""
+    from fxopt.errors import CodegenError
+
+    full = [_SIZES[c] for c in _FULL[role]]
+    shape = [data.draw(st.sampled_from([f, 1, f + 1, 5 * f + 2])) for f in full]
+    bad = any(s not in (f, 1) for s, f in zip(shape, full))
+    a = _shaped_args({role: tuple(shape)})
+    if bad:
+        with pytest.raises(CodegenError, match=f"{role} has shape"):
+            scan_launch.check_shapes(a)
+    else:
+        scan_launch.check_shapes(a)
+
+
+def test_shapes_that_do_not_fit_raise_at_the_launch_path(monkeypatch):
+    from fxopt.errors import CodegenError
+
+    monkeypatch.setattr(scan_launch, "_PLANS", {})
+    with pytest.raises(CodegenError, match=r"B has shape \(2, 5, 9\)"):
+        scan_launch.run(_shaped_args({"B": (2, 5, 9)}))
+    with pytest.raises(CodegenError, match="u must be"):
+        scan_launch.run(_shaped_args({"u": (2, 3, 9, 1)}))
+    with pytest.raises(CodegenError, match="h0 has shape"):
+        scan_launch.run(_shaped_args({"h0": (2, 2, 3, 4)}))
+    assert scan_launch._PLANS == {}  # nothing planned for them
+    scan_launch.check_shapes(_shaped_args({"h0": (3, 4)}))  # h0 may leave out leading dimensions
+
+
+_LAYOUTS_INTERPRETED = textwrap.dedent("""
+    import torch
+    from fxopt.codegen import scan_launch
+    from fxopt.codegen.scan_ref import SelectiveScanArgs, selective_scan_ref
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = 2, 5, 20, 4
+    full = dict(u=(b, d, L), delta=(b, d, L), A=(d, n), B=(b, n, L), C=(b, n, L), D=(d,), z=(b, d, L), h0=(b, d, n))
+    def inputs(**over):
+        ts = {r: torch.randn(s, generator=g) for r, s in full.items()}
+        ts.update(over)
+        ts["delta"] = ts["delta"].abs() * 0.5
+        ts["A"] = -ts["A"].abs()
+        return SelectiveScanArgs(*[ts[r] for r in full], None)
+    cases = {
+        "D strided": dict(D=torch.randn(3 * d, generator=g)[::3]),     # read at unit stride before: wrong y
+        "D size 1": dict(D=torch.randn(1, generator=g)),                # read out of bounds before
+        "D offset": dict(D=torch.randn(d + 1, generator=g)[1:]),
+        "D bf16 strided": dict(D=torch.randn(2 * d, generator=g)[::2].bfloat16()),
+    }
+    for role in ("delta", "B", "C", "z", "h0"):
+        for k in range(3):
+            shape = list(full[role])
+            if role == "delta" and k == 2:
+                continue  # the reference does not broadcast delta along l
+            shape[k] = 1
+            cases[f"{role} {tuple(shape)}"] = {role: torch.randn(shape, generator=g)}
+    for name, over in cases.items():
+        a = inputs(**over)
+        y0, h0 = selective_scan_ref(*a)
+        y1, h1 = scan_launch.run(a)
+        err = max(float((y0 - y1).abs().max()), float((h0 - h1).abs().max()))
+        assert err <= 1e-4 * (1 + float(y0.abs().max())), (name, err)
+    print("OK", len(cases))
+""")
+
+
+def test_unusual_layouts_run_as_the_reference_interpreted():
+    """Under the interpreter, through the launch plans: a strided / size-1 / offset D (the kernels
+    read D at unit stride: the plan copies it) and size-1 broadcast dimensions give the
+    reference's results."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _LAYOUTS_INTERPRETED], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=root)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

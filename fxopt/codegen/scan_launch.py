@@ -298,6 +298,43 @@ def _h0_prep(h_shape: tuple):
     return prep
 
 
+def _d_prep(d: int):
+    def prep(D: Tensor) -> Tensor:
+        return D.expand(d).contiguous()
+
+    return prep
+
+
+# what each tensor of SelectiveScanArgs is, in terms of u's (b, d, l) and A's n
+_ROLES = (("delta", "bdl"), ("A", "dn"), ("B", "bnl"), ("C", "bnl"), ("D", "d"), ("z", "bdl"), ("h0", "bdn"))
+
+
+def check_shapes(a: SelectiveScanArgs) -> None:
+    """Raise a clear error for shapes the kernels would read out of bounds: u is (b, d, l), A is
+    (d, n), and every other tensor has its role's shape, where a dimension of size 1 broadcasts
+    (the kernels step it with stride 0, as the reference broadcasts it); h0 also with leading
+    dimensions left out (it is expanded)."""
+    u, A = a.u, a.A
+    if u.dim() != 3 or A.dim() != 2:
+        raise CodegenError(f"fxopt::selective_scan: u must be (b, d, l) and A (d, n); got u {tuple(u.shape)}, "
+                           f"A {tuple(A.shape)}")
+    bsz, d, L = u.shape
+    size = dict(b=bsz, d=d, l=L, n=A.shape[1])
+    for name, dims in _ROLES:
+        t = getattr(a, name)
+        if t is None:
+            continue
+        full = tuple(size[c] for c in dims)
+        shape = tuple(t.shape)
+        if name == "h0":
+            shape = (1,) * (len(full) - len(shape)) + shape
+        if len(shape) != len(full) or any(s not in (f, 1) for s, f in zip(shape, full)):
+            raise CodegenError(
+                f"fxopt::selective_scan: {name} has shape {tuple(t.shape)}; with u {tuple(u.shape)} (b, d, l) and "
+                f"A {tuple(A.shape)} (d, n) it must be ({', '.join(dims)}) = {full}, a dimension of size 1 "
+                "broadcasting")
+
+
 def kernel_choice(a: SelectiveScanArgs, config: Optional[ScanConfig] = None, gluon: bool = True) -> KernelChoice:
     """The kernel and its needs for inputs like ``a``: ``config`` or the default choice; the
     Triton kernel where the Gluon kernel is unavailable, declines the layout, or ``gluon`` is off."""
@@ -323,13 +360,14 @@ def kernel_choice(a: SelectiveScanArgs, config: Optional[ScanConfig] = None, glu
 
 def build_plan(a: SelectiveScanArgs, config: Optional[ScanConfig] = None, gluon: bool = True):
     """The plan (a callable of :class:`SelectiveScanArgs`) for inputs with ``a``'s signature."""
+    if compute_dtype(*a.tensors()) == torch.float64:
+        return _reference_plan
+    check_shapes(a)
     y_shape = tuple(a.u.shape)
     bsz, d, L = y_shape
     n = a.A.shape[-1]
     h_shape = (bsz, d, n)
     out_dtype = a.out_dtype or a.u.dtype
-    if compute_dtype(*a.tensors()) == torch.float64:
-        return _reference_plan
     if L == 0 or bsz == 0 or d == 0:
         return _EmptyPlan(y_shape, h_shape, out_dtype)
     devices = {t.device for t in a.tensors() if t is not None}
@@ -340,6 +378,11 @@ def build_plan(a: SelectiveScanArgs, config: Optional[ScanConfig] = None, gluon:
     h0 = a.h0
     if h0 is not None and not (h0.dtype == torch.float32 and tuple(h0.shape) == h_shape and h0.is_contiguous()):
         preps.append((7, _h0_prep(h_shape)))
+    D = a.D
+    if D is not None and not (tuple(D.shape) == (d,) and (D.stride(0) == 1 or d == 1)):
+        # the kernels read D at unit stride over d (no stride argument): a strided or broadcast
+        # D as a contiguous (d,) copy (a layout no model hands it: the copy is the rare case)
+        preps.append((5, _d_prep(d)))
     ts = list(a[:8])
     for i, prep in preps:
         ts[i] = prep(ts[i])
