@@ -217,12 +217,16 @@ def cpu_rows(args) -> list[dict]:
                 a = scan_launch.SelectiveScanArgs(*full)
                 plan = scan_launch.build_plan(a)  # decided as on a GPU without Gluon: the Triton kernel
                 plan.device_index = 0
-                plan.direct = tuple((_StubKernel(), launch.grid, launch.tail) for launch in plan.launches)
+                plan.use_compiled([_StubKernel() for _ in plan.launches])
                 scan_launch._PLANS[scan_launch.plan_key(a)] = plan
+                plans = len(scan_launch._PLANS)
                 with torch.no_grad():
                     us = _per_call_us(lambda: sc.selective_scan(*full), args.calls)
+                # the entry found the stubbed plan (a miss would build one and time the interpreter)
+                replayed = len(scan_launch._PLANS) == plans and scan_launch._PLANS.get(scan_launch.plan_key(a)) is plan
                 rows.append(dict(op="scan", shape=f"b{b} L{L} d{d} n{n}", dtype=str(dtype)[6:], layout=layout,
-                                 variant="entry, stub kernels", host_us=us, launches=len(plan.launches)))
+                                 variant="entry, stub kernels", host_us=us, launches=len(plan.launches),
+                                 replayed=replayed))
                 print(json.dumps(rows[-1]), flush=True)
     for shape in ADD_SHAPES:
         xs = [torch.randn(shape, dtype=torch.float16) for _ in range(3)]
