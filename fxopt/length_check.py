@@ -139,6 +139,9 @@ _NOT_CACHED_TAGS = tuple(getattr(torch.Tag, t) for t in (
     if hasattr(torch.Tag, t))
 _CACHEABLE: dict = {}   # OpOverload -> whether its meta result may be reused (decided from its schema)
 _SIMPLE_ARG = (int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+# A longer list (``stack`` of one tensor per loop step) is issued once: keying it costs more than
+# it could save.
+_MAX_KEYED_LIST = 64
 
 
 def _cacheable(func) -> bool:
@@ -174,6 +177,8 @@ def _meta_key(items, out: list) -> bool:
             elif t is bool or t in _SIMPLE_ARG:
                 out.append((t, a))  # with the type: True and 1 are equal keys otherwise
             elif t is list or t is tuple:
+                if len(a) > _MAX_KEYED_LIST:
+                    return False
                 out.append((t, len(a)))
                 stack.append(iter(a))
                 break
@@ -221,6 +226,7 @@ class _Recorder(TorchDispatchMode):
         self.ints: list[tuple[int, ...]] = []
         self.stop_at = stop_at
         self.meta_results: dict[tuple, tuple] = {}  # see _cacheable: (op, argument metadata) -> result's
+        self.not_fresh: set = set()         # ops whose result shared storage with an argument: run always
         self.op_names: dict = {}            # OpOverload -> str(op), formatted once
 
     def add(self, key: tuple, ints: Sequence[int]) -> None:
@@ -345,9 +351,11 @@ class _Recorder(TorchDispatchMode):
     def _meta(self, func, args, kwargs):
         """``func`` on meta tensors; a fresh-result op's metadata computed once per argument
         metadata (see :func:`_cacheable`)."""
-        if not _cacheable(func):
+        if not _cacheable(func) or func in self.not_fresh:
             return func(*args, **kwargs)
-        parts: list = [func]
+        # What a kernel may read besides its arguments (FakeTensorMode's cache keys on the same):
+        # the default dtype (a factory without dtype=), the default device, inference mode.
+        parts: list = [func, torch.get_default_dtype(), torch._C._get_default_device(), torch.is_inference_mode_enabled()]
         if not (_meta_key(args, parts) and _meta_key(kwargs.items(), parts)):
             return func(*args, **kwargs)
         key = tuple(parts)
@@ -357,6 +365,8 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if _fresh_result(out, args, kwargs):
             self.meta_results[key] = (tuple(out.shape), out.stride(), out.dtype)
+        else:
+            self.not_fresh.add(func)  # e.g. _unsafe_view: not worth keying again
         return out
 
     def _fake(self, func, args, kwargs):

@@ -252,25 +252,32 @@ class OptimizedModule(torch.nn.Module):
                     self._mode)
         except Exception as exc:  # noqa: BLE001 - inputs that cannot be cut: not a sequence
             return self._direct(args, kwargs, f"length-generic template not used: narrowing the inputs failed: {exc}")
+        # One pause for the whole template path (a collection after each step would walk all
+        # it allocated); a fallback's direct capture runs after it, with the collector on.
+        with _gc_paused():
+            spec, why = self._instantiate_length_template(tkey, args, kwargs, length)
+        return spec if spec is not None else self._direct(args, kwargs, f"length-generic template not used: {why}")
+
+    def _instantiate_length_template(self, tkey: tuple, args: tuple, kwargs: dict,
+                                     length: int) -> tuple["Specialization | None", str]:
+        """(the specialisation, "") from the template of ``tkey`` (built if new) once this call's op
+        stream is verified, or (None, why not)."""
         if tkey not in self._templates:
-            with _gc_paused():
-                self._templates[tkey] = self._build_length_template(args, kwargs, length)
+            self._templates[tkey] = self._build_length_template(args, kwargs, length)
             while len(self._templates) > self._cache_size:
                 self._templates.popitem(last=False)
         self._templates.move_to_end(tkey)
         template, reason = self._templates[tkey]
         if template is None:
-            return self._direct(args, kwargs, f"length-generic template not used: {reason}")
-        with _gc_paused():
-            verified, verdict = self._check_stream(template, args, kwargs, length)
+            return None, reason
+        verified, verdict = self._check_stream(template, args, kwargs, length)
         if not verified:
-            return self._direct(args, kwargs, f"length-generic template not used: {verdict}")
+            return None, verdict
         t0 = time.perf_counter()
         try:
-            with _gc_paused():
-                gm = template.instantiate(length, args, kwargs)
+            gm = template.instantiate(length, args, kwargs)
         except lg.TemplateMismatch as exc:
-            return self._direct(args, kwargs, f"length-generic template not used: {exc}")
+            return None, str(exc)
         probe = template.probe_spec  # type: ignore[attr-defined]
         report = copy.copy(probe.report)
         report.notes = list(probe.report.notes) + [
@@ -278,7 +285,7 @@ class OptimizedModule(torch.nn.Module):
             f"({template.varying} literals depend on L); {verdict}; probes took {template.probe_seconds:.2f} s, "
             f"instantiation {time.perf_counter() - t0:.2f} s; matches/nodes below are per probe graph"]
         report.instantiate_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
-        return Specialization(probe.original, gm, report)
+        return Specialization(probe.original, gm, report), ""
 
     def _direct(self, args: tuple, kwargs: dict, note: str) -> Specialization:
         """A capture at the real length, where a length template cannot be trusted."""
@@ -362,13 +369,12 @@ class OptimizedModule(torch.nn.Module):
                 return spec.optimized
 
             try:
-                with _gc_paused():
-                    template = lyr.build_layer_template(optimize_at, self._model, args, kwargs, path, n, ks)
-                    # Every layer's op stream, once per template family: the later probe lengths of
-                    # a length template build theirs with fewer proxies (ks) against this one.
-                    template.stream_note = (layer_check.check_all_layers(  # type: ignore[attr-defined]
-                        self._model, path, n, lyr.PEEL if template.peel else 0, args, kwargs)
-                        if tuple(ks) == lyr.DEFAULT_KS else "all layers' op streams verified at the first probe length")
+                template = lyr.build_layer_template(optimize_at, self._model, args, kwargs, path, n, ks)
+                # Every layer's op stream, once per template family: the later probe lengths of
+                # a length template build theirs with fewer proxies (ks) against this one.
+                template.stream_note = (layer_check.check_all_layers(  # type: ignore[attr-defined]
+                    self._model, path, n, lyr.PEEL if template.peel else 0, args, kwargs)
+                    if tuple(ks) == lyr.DEFAULT_KS else "all layers' op streams verified at the first probe length")
                 used = [probes[k] for k in template.ks]
                 entry = (template, lyr.scale_report([p.report for p in used], template.ks, n),
                          [p.original for p in used])
@@ -382,8 +388,7 @@ class OptimizedModule(torch.nn.Module):
         template, base_report, captured = self._layer_templates[key]
         t0 = time.perf_counter()
         try:
-            with _gc_paused():
-                gm = template.instantiate(n, args, kwargs, lazy=True)  # a length probe's graph is never run
+            gm = template.instantiate(n, args, kwargs, lazy=True)  # a length probe's graph is never run
         except lg.TemplateMismatch as exc:
             self._layer_failure = str(exc)
             return None
@@ -413,7 +418,8 @@ class OptimizedModule(torch.nn.Module):
                              layer_ks: tuple[int, ...] | None = lyr.DEFAULT_KS) -> Specialization:
         spec = None
         if self._layer_stack is not None and layer_ks:
-            spec = self._from_layer_template(args, kwargs, layer_ks)
+            with _gc_paused():  # proxies, checks and instantiation: see _gc_paused
+                spec = self._from_layer_template(args, kwargs, layer_ks)
         spec = spec or self._rewrite(self._model, args, kwargs)
         if getattr(self, "_layer_failure", None) and not spec.layer_template:
             spec.report.notes.append(f"layer-generic template not used: {self._layer_failure}")

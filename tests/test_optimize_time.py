@@ -142,6 +142,9 @@ def test_ops_that_alias_mutate_or_depend_on_data_are_never_cached():
     x = _meta((4, 6), (6, 1), 0, torch.float32)
     out = rec._meta(aten._unsafe_view.default, (x, [24]), {})
     assert out.untyped_storage()._cdata == x.untyped_storage()._cdata and not rec.meta_results
+    assert aten._unsafe_view.default in rec.not_fresh  # and is not keyed again in this recording
+    again = rec._meta(aten._unsafe_view.default, (x, [24]), {})
+    assert again.untyped_storage()._cdata == x.untyped_storage()._cdata and not rec.meta_results
     for op in (aten.mul.Tensor, aten.add.Tensor, aten._to_copy.default, aten.bmm.default, aten.stack.default):
         assert lc._cacheable(op), op
 
@@ -167,6 +170,18 @@ def test_look_alike_arguments_get_their_own_results():
     k = [lc._meta_key((t,), out := []) and tuple(out) for t in (off0, off1, off16)]
     assert len(set(k)) == 3  # offset 0, misaligned, aligned but not 0: three classes
     assert not lc._meta_key((object(),), [])  # an object it cannot hold exactly: the op just runs
+    # a factory without dtype= reads the default dtype: another default, another result
+    full = (aten.full.default, ([3], 1.5), {"device": torch.device("meta")})
+    got32 = rec._meta(*full)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got64 = rec._meta(*full)
+    finally:
+        torch.set_default_dtype(old)
+    assert (got32.dtype, got64.dtype) == (torch.float32, torch.float64)
+    # a long list (stack of one tensor per step, issued once) is not keyed: the op just runs
+    assert lc._meta_key(([off0] * lc._MAX_KEYED_LIST,), []) and not lc._meta_key(([off0] * (lc._MAX_KEYED_LIST + 1),), [])
 
 
 def test_meta_recording_with_cached_results_is_the_uncached_one(monkeypatch):
