@@ -23,7 +23,9 @@ one model add up to its optimize() time:
     python benchmarks/optimize_time.py --device cpu --models mamba_fp32,mamba_bf16
     python benchmarks/optimize_time.py --smoke                                       # tiny models, CPU
 
-``--profile DIR`` also writes a cProfile dump per row (slower: cProfile roughly doubles Python time).
+The first optimize() of a process also pays one-time costs (imports, the first export, the
+passes' pattern graphs): ``--repeat 2`` shows them (run 0 vs run 1 of the first model). ``--profile
+DIR`` also writes a cProfile dump per row (slower: cProfile roughly doubles Python time).
 """
 from __future__ import annotations
 
@@ -211,7 +213,7 @@ def _by(rows: list[dict], key: str) -> "OrderedDict[str, float]":
 
 def print_table(results: list[dict], min_seconds: float = 0.005) -> None:
     for res in results:
-        print(f"\n== {res['model']} ({res['dtype']}, b{res['b']} L{res['L']}, {res['device']}): "
+        print(f"\n== {res['model']} run {res['run']} ({res['dtype']}, b{res['b']} L{res['L']}, {res['device']}): "
               f"optimize() {res['optimize_s']:.2f} s; length template {res['length_template']}, "
               f"layer template {res['layer_template']}")
         print(f"  {'context':<20}{'phase':<24}{'s':>8}{'calls':>7}")
@@ -221,9 +223,9 @@ def print_table(results: list[dict], min_seconds: float = 0.005) -> None:
         print("  by context: " + ", ".join(f"{k} {v:.2f}" for k, v in _by(res["phases"], "context").items()))
         print("  by phase:   " + ", ".join(f"{k} {v:.2f}" for k, v in
                                            sorted(_by(res["phases"], "phase").items(), key=lambda kv: -kv[1])))
-    print(f"\n{'model':<14}{'dtype':<10}{'optimize s':>11}  notes")
+    print(f"\n{'model':<14}{'run':>4} {'dtype':<10}{'optimize s':>11}  notes")
     for res in results:
-        print(f"{res['model']:<14}{res['dtype']:<10}{res['optimize_s']:11.2f}  "
+        print(f"{res['model']:<14}{res['run']:>4} {res['dtype']:<10}{res['optimize_s']:11.2f}  "
               + ("; ".join(n[:90] for n in res["notes"][:2]) or "-"))
 
 
@@ -256,6 +258,8 @@ def main(argv=None) -> int:
             prof = os.path.join(args.profile, f"{name}_{rep}.prof") if args.profile else None
             res = dict(model=name, dtype=str(dtype).replace("torch.", ""), device=device, b=1, L=length,
                        passes=passes, run=rep, **measure(model, ids, passes, prof))
+            res["by_context"] = dict(_by(res["phases"], "context"))
+            res["by_phase"] = dict(_by(res["phases"], "phase"))
             results.append(res)
             print(f"{name} run {rep}: optimize() {res['optimize_s']:.2f} s", flush=True)
         del model

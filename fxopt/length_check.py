@@ -17,7 +17,8 @@ used at L we look at what the model *does* at L, cheaply:
   traces (``torch.compiler.is_compiling()`` / ``is_exporting()`` set, as export does).
 * Data-free how: FakeTensorMode is faithful (tensors report their real device) but
   costs ~100 us of Python per op, 3-4 s for the ~27k ops of mamba-130m's 1-layer proxy
-  at L = 2048. Meta tensors run the shape functions in C++ (~0.8 s for the same stream) but
+  at L = 2048. Meta tensors run the shape functions directly (~0.35 s for the same stream;
+  a pointwise op's Python meta kernel runs once per argument metadata, see ``_cacheable``) but
   report device "meta", so code that branches on the device (SDPA's backend choice, a
   CUDA-only fast path) could take another path than export does. So at the probes the
   model is recorded both ways; the check at the real L records on meta tensors only when

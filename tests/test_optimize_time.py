@@ -216,6 +216,25 @@ def test_lazy_graph_module_generates_code_when_used_and_finalize_makes_it_plain(
     assert not isinstance(eager, _LAZY) and graph_utils.finalize(eager) is eager  # look-alike: left as it is
 
 
+_UNARY = (torch.relu, torch.neg, torch.exp, torch.sigmoid, lambda x: x * 2, lambda x: x + 1, lambda x: x.t().t())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(range(len(_UNARY))), min_size=1, max_size=6), st.integers(1, 4))
+def test_a_finalized_lazy_copy_is_the_eager_copy(chain, rows):
+    """Property: for any chain of ops, a lazy copy finalized has the eager copy's code and values."""
+    def fn(x):
+        for i in chain:
+            x = _UNARY[i](x)
+        return x
+
+    gm = torch.fx.symbolic_trace(fn)
+    eager, lazy = graph_utils.copy_graph_module(gm), graph_utils.copy_graph_module(gm, lazy=True)
+    out = graph_utils.finalize(lazy)
+    x = torch.randn(rows, 3)
+    assert out.code == eager.code and torch.equal(out(x), eager(x)) and not isinstance(out, _LAZY)
+
+
 @pytest.mark.parametrize("templates", [True, False])
 def test_what_optimize_hands_out_is_a_plain_graph_module(templates):
     model = tiny_hf_mamba(num_hidden_layers=5)
@@ -252,6 +271,12 @@ def test_capture_generates_code_once_for_its_edits(monkeypatch):
     assert not any(n.op == "call_module" for n in gm.graph.nodes)
     with torch.no_grad():
         assert torch.equal(gm(ids).logits, model(ids, use_cache=False).logits)
+    # look-alike: a plain module (no use_cache to remove): at most the guard's one recompile
+    seen.clear()
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    gm = fxopt.capture(lin, (x,))
+    assert len([s for s in seen if s[0] == "capture.py"]) <= 1 and torch.equal(gm(x), lin(x))
 
 
 # ----------------------------------------------------------------- the collector
@@ -279,6 +304,29 @@ def test_the_collector_is_off_while_templates_are_built_only(templates):
     assert gc.isenabled()
     # templates: every pass run is a probe's (collector off); direct capture (look-alike): on
     assert probe.seen and set(probe.seen) == ({False} if templates else {True})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.booleans(), st.integers(1, 4), st.booleans())
+def test_gc_paused_property(enabled_before, depth, raises):
+    """Property: any nesting, with or without an exception: off inside, the caller's setting after."""
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        def nest(k):
+            with opt_mod._gc_paused():
+                assert not gc.isenabled()
+                if k > 1:
+                    nest(k - 1)
+                elif raises:
+                    raise KeyError
+        if raises:
+            with pytest.raises(KeyError):
+                nest(depth)
+        else:
+            nest(depth)
+        assert gc.isenabled() == enabled_before
+    finally:
+        gc.enable()
 
 
 def test_gc_paused_restores_the_callers_setting():
