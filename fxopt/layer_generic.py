@@ -64,7 +64,7 @@ import torch
 import torch.fx
 from torch.fx.node import Node, map_arg
 
-from .graph_utils import PROVENANCE_KEY
+from .graph_utils import PROVENANCE_KEY, make_graph_module
 from .length_generic import TemplateMismatch, repropagate
 
 MIN_LAYERS = 4
@@ -494,12 +494,14 @@ class LayerTemplate:
         except KeyError as exc:  # a node read outside the wiring the template knows
             raise TemplateMismatch(f"the template cannot wire node {exc} with {n} layers") from exc
 
-    def instantiate(self, n: int, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    def instantiate(self, n: int, args: tuple, kwargs: dict, *, lazy: bool = False) -> torch.fx.GraphModule:
+        """The ``n``-layer graph, its fake values re-propagated for (args, kwargs). ``lazy``: its
+        code is generated on first use (see :func:`fxopt.graph_utils.make_graph_module`)."""
         graph = self._safe_graph(n)
-        gm = torch.fx.GraphModule(self._root(graph), graph)
+        # One code generation (or none yet, lazy): re-propagating changes node meta, not code.
+        gm = make_graph_module(self._root(graph), graph, lazy=lazy)
         gm.meta.update(self.base.gm.meta)
         repropagate(gm, args, kwargs, f"the layer template with {n} layers")
-        gm.recompile()
         return gm
 
     def check(self, sp: _Split, k: int) -> None:

@@ -17,7 +17,8 @@ used at L we look at what the model *does* at L, cheaply:
   traces (``torch.compiler.is_compiling()`` / ``is_exporting()`` set, as export does).
 * Data-free how: FakeTensorMode is faithful (tensors report their real device) but
   costs ~100 us of Python per op, 3-4 s for the ~27k ops of mamba-130m's 1-layer proxy
-  at L = 2048. Meta tensors run the shape functions in C++ (~0.8 s for the same stream) but
+  at L = 2048. Meta tensors run the shape functions directly (~0.35 s for the same stream;
+  a pointwise op's Python meta kernel runs once per argument metadata, see ``_cacheable``) but
   report device "meta", so code that branches on the device (SDPA's backend choice, a
   CUDA-only fast path) could take another path than export does. So at the probes the
   model is recorded both ways; the check at the real L records on meta tensors only when
@@ -123,6 +124,89 @@ _QUERIES = (torch.ops.prim.device.default,)
 # memory format): a meta recording runs them in FakeTensorMode for the real device.
 _DEVICE_RULED = (torch.ops.aten.convolution.default,)  # an integer slot in a skeleton (its value goes to the literals)
 
+# ----------------------------------------------------------------- meta results, computed once
+# Meta kernels of pointwise ops (aten.mul.Tensor, aten.add.Tensor, ...) are Python in torch
+# (``torch/_meta_registrations.py``: broadcasting, type promotion and stride rules in
+# ``torch._refs``), ~180 us per call against ~15 us for a C++ view kernel: two thirds of a meta
+# recording at L = 2048, whose loop issues the same op on the same shapes once per step. An op
+# that returns a *fresh* tensor (no aliasing, no mutation, no data-dependent output) computes its
+# result's metadata from its arguments' metadata alone (a meta tensor has no data), so a
+# recording computes it once per (op, argument metadata) and then builds an equal empty meta
+# tensor. What is recorded (the token) is computed from the arguments before the op runs and does
+# not change; what later ops see (shape, strides, dtype, a fresh storage) is what the kernel
+# returned for arguments of the same metadata (see _meta_key for storage offsets).
+_NOT_CACHED_TAGS = tuple(getattr(torch.Tag, t) for t in (
+    "dynamic_output_shape", "data_dependent_output", "inplace_view", "nondeterministic_seeded")
+    if hasattr(torch.Tag, t))
+_CACHEABLE: dict = {}   # OpOverload -> whether its meta result may be reused (decided from its schema)
+_SIMPLE_ARG = (int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+# A longer list (``stack`` of one tensor per loop step) is issued once: keying it costs more than
+# it could save.
+_MAX_KEYED_LIST = 64
+
+
+def _cacheable(func) -> bool:
+    known = _CACHEABLE.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = (schema is not None and not schema.is_mutable and len(schema.returns) == 1
+                 and schema.returns[0].alias_info is None and str(schema.returns[0].type) == "Tensor"
+                 and not any(t in func.tags for t in _NOT_CACHED_TAGS) and func not in _DEVICE_RULED)
+        _CACHEABLE[func] = known
+    return known
+
+
+def _meta_key(items, out: list) -> bool:
+    """Append the metadata of ``items`` (an op's arguments) to ``out``; False when one is
+    something the key cannot hold exactly (a tensor subclass, a symbolic size, an object): then
+    the op just runs. Iterative (nested lists go on a stack): this runs for every pointwise op."""
+    stack = [iter(items)]
+    while stack:
+        for a in stack[-1]:
+            t = type(a)
+            if t is torch.Tensor:
+                if not a.is_meta or a.layout is not torch.strided:
+                    return False
+                # Where a tensor starts in its storage (a loop's ``x[:, i]`` starts one step further
+                # each time) enters as its alignment class: an offset moves no result's shape or
+                # strides, and a kernel that checks alignment sees the same class as the cached run.
+                off = a.storage_offset()
+                out.append((a.shape, a.stride(), off == 0, off * a.element_size() % 64, a.dtype, a.requires_grad,
+                            a.is_conj(), a.is_neg()))
+            elif t is float:
+                out.append(("f", repr(a)))  # repr: 0.0 / -0.0 / nan stay apart
+            elif t is bool or t in _SIMPLE_ARG:
+                out.append((t, a))  # with the type: True and 1 are equal keys otherwise
+            elif t is list or t is tuple:
+                if len(a) > _MAX_KEYED_LIST:
+                    return False
+                out.append((t, len(a)))
+                stack.append(iter(a))
+                break
+            else:
+                return False
+        else:
+            stack.pop()
+    return True
+
+
+def _fresh_result(out: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``out`` is a plain new meta tensor, in a storage of its own, that an
+    ``empty_strided`` of its shape, strides and dtype reproduces exactly (checked on the kernel's
+    real result, once per key; otherwise the op runs every time)."""
+    if type(out) is not torch.Tensor or not out.is_meta or out.layout is not torch.strided:
+        return False
+    if out.storage_offset() != 0 or out.requires_grad or out.is_conj() or out.is_neg() or out._is_view():
+        return False
+    # No storage shared with an argument: ``_unsafe_view`` declares no alias yet returns its input's
+    # storage, and what shares storage (overlap checks of later in-place ops) is not metadata.
+    storage = out.untyped_storage()._cdata
+    if any(isinstance(x, torch.Tensor) and (x is out or x.untyped_storage()._cdata == storage)
+           for x in pytree.tree_leaves((args, kwargs))):
+        return False
+    twin = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
+    return twin.untyped_storage().nbytes() == out.untyped_storage().nbytes()
+
 
 class _Recorder(TorchDispatchMode):
     """Sits above the fake mode: sees every ATen op with fake arguments, records its token,
@@ -142,6 +226,9 @@ class _Recorder(TorchDispatchMode):
         self.keys: list[int] = []
         self.ints: list[tuple[int, ...]] = []
         self.stop_at = stop_at
+        self.meta_results: dict[tuple, tuple] = {}  # see _cacheable: (op, argument metadata) -> result's
+        self.not_fresh: set = set()         # ops whose result shared storage with an argument: run always
+        self.op_names: dict = {}            # OpOverload -> str(op), formatted once
 
     def add(self, key: tuple, ints: Sequence[int]) -> None:
         k = self.vocab.get(key)
@@ -169,6 +256,25 @@ class _Recorder(TorchDispatchMode):
                 ints.append(self.indexed[id(t)])
 
     def _walk(self, a: Any, skel: list, ints: list) -> None:
+        # Fast paths for what loops issue most (exact ints, computed tensors, int lists), each
+        # recording what the general branches below record for it.
+        t = type(a)
+        if t is int:
+            skel.append(_INT)
+            ints.append(a)
+            return
+        if t is list or t is tuple:
+            if all(type(x) is int for x in a):
+                skel.append((t.__name__, len(a)))
+                skel.extend([_INT] * len(a))
+                ints.extend(a)
+                return
+        elif isinstance(a, torch.Tensor):
+            ref = self.refs.get(id(a))
+            if ref is not None:
+                skel.append(("T", a.dtype, a.dim()))
+                ints.extend(ref)
+                return
         if isinstance(a, torch.Tensor):
             self._tensor(a, skel, ints)
         elif isinstance(a, bool) or a is None:
@@ -221,9 +327,17 @@ class _Recorder(TorchDispatchMode):
         for k, v in kwargs.items():
             skel.append(("k", k))
             self._walk(v, skel, ints)
-        out = self._fake(func, args, kwargs) if func in _DEVICE_RULED and self.home is not None else func(*args, **kwargs)
+        if self.home is None:
+            out = func(*args, **kwargs)
+        elif func in _DEVICE_RULED:
+            out = self._fake(func, args, kwargs)
+        else:
+            out = self._meta(func, args, kwargs)
         i = len(self.keys)
-        self.add((str(func), tuple(skel)), ints)
+        name = self.op_names.get(func)
+        if name is None:
+            name = self.op_names[func] = str(func)
+        self.add((name, tuple(skel)), ints)
         if isinstance(out, torch.Tensor):
             self.refs[id(out)] = (i, 0)
             self.alive.append(out)
@@ -234,6 +348,27 @@ class _Recorder(TorchDispatchMode):
                     self.alive.append(o)
         return out
 
+
+    def _meta(self, func, args, kwargs):
+        """``func`` on meta tensors; a fresh-result op's metadata computed once per argument
+        metadata (see :func:`_cacheable`)."""
+        if not _cacheable(func) or func in self.not_fresh:
+            return func(*args, **kwargs)
+        # What a kernel may read besides its arguments (FakeTensorMode's cache keys on the same):
+        # the default dtype (a factory without dtype=), the default device, inference mode.
+        parts: list = [func, torch.get_default_dtype(), torch._C._get_default_device(), torch.is_inference_mode_enabled()]
+        if not (_meta_key(args, parts) and _meta_key(kwargs.items(), parts)):
+            return func(*args, **kwargs)
+        key = tuple(parts)
+        known = self.meta_results.get(key)
+        if known is not None:
+            return torch.empty_strided(known[0], known[1], dtype=known[2], device="meta")
+        out = func(*args, **kwargs)
+        if _fresh_result(out, args, kwargs):
+            self.meta_results[key] = (tuple(out.shape), out.stride(), out.dtype)
+        else:
+            self.not_fresh.add(func)  # e.g. _unsafe_view: not worth keying again
+        return out
 
     def _fake(self, func, args, kwargs):
         """A meta recording's op whose output layout the device decides (a convolution's

@@ -26,7 +26,7 @@ from torch.fx.node import Node
 from torch.utils import _pytree as pytree
 
 from .errors import TemplateMismatch
-from .graph_utils import copy_graph_module, propagate_meta
+from .graph_utils import copy_graph_module, finalize, propagate_meta
 
 # Probe lengths: small (cheap to capture) yet long enough that every pass sees real
 # loops, pairwise distinct and unlikely to coincide with model dimensions.
@@ -162,8 +162,10 @@ class LengthTemplate:
     varying: int = 0                    # how many literals depend on L
     notes: list[str] = field(default_factory=list)
 
-    def instantiate(self, length: int, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-        gm = copy_graph_module(self.base)
+    def instantiate(self, length: int, args: tuple, kwargs: dict, *, lazy: bool = False) -> torch.fx.GraphModule:
+        """The graph at ``length``. ``lazy``: its code is generated on first use (see
+        :func:`fxopt.graph_utils.make_graph_module`); else once, here."""
+        gm = copy_graph_module(self.base, lazy=True)  # edited below: generating code now would be wasted
         for n in list(gm.graph.nodes):
             if n.op == "call_module" and n.target == "_guards_fn":
                 gm.graph.erase_node(n)
@@ -175,7 +177,7 @@ class LengthTemplate:
         # fake tensors, so a template that does not really fit fails here, loudly.
         repropagate(gm, args, kwargs, f"the template at L={length}")
         gm.recompile()
-        return gm
+        return gm if lazy else finalize(gm)
 
 
 def build_template(
