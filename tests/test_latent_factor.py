@@ -1,5 +1,6 @@
-"""fxopt.latent factorisation: GPTNeoX's qkv layout, the error bounds of plain and whitened SVD
-(Hypothesis over random layers), lossless reconstruction under fp64_relative(4), budgets, bytes."""
+"""fxopt.latent factorisation: GPTNeoX's qkv layout, the error bounds of plain, whitened and
+two-sided (loss-gradient x input) SVD (Hypothesis over random layers), the v refit's least-squares
+optimality, lossless reconstruction under fp64_relative(4), budgets, bytes, the objective choice."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from fxopt.errors import FxoptError
 from fxopt.latent import (AttentionShape, Calibration, LatentKVError, allocate_ranks, factorize,
-                          latent_bytes_per_token, layer_svd, mha_bytes_per_token, split_qkv, truncate, whitening)
+                          latent_bytes_per_token, layer_svd, mha_bytes_per_token, refit_value_up, split_qkv, truncate,
+                          whitening)
+from fxopt.latent.plan import default_energy, resolve_objective
 from fxopt.latent.budget import kept_energy_total, min_budget_fraction
 from fxopt.models.hf import tiny_gpt_neox
 from fxopt.testing.contracts import fp64_relative
@@ -191,6 +194,176 @@ def test_whitening_rejects_bad_calibration():
         Calibration.from_activations([torch.zeros(0, 4)])
 
 
+def _gradients(m, n, seed, rank=None):
+    """Loss gradients (n, m) with very unequal row sensitivities (some rows matter 1e3 x more)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    Gr = torch.randn(n, m, generator=g, dtype=torch.float64) * torch.logspace(0, -3, m, dtype=torch.float64)[
+        torch.randperm(m, generator=g)]
+    if rank is not None:
+        Gr = Gr[:, :rank] @ torch.randn(rank, m, generator=g, dtype=torch.float64)
+    return Gr
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer=layers(), frac=st.floats(0.0, 1.0), n=st.sampled_from([1, 3, 17, 200]),
+       deficient=st.booleans(), damping=st.sampled_from([1e-6, 1e-3, 1e-1]), seed=st.integers(0, 2**16))
+def test_fisher_error_identity(layer, frac, n, deficient, damping, seed):
+    """Two-sided (loss gradients x inputs) truncation: with S = Gr^T Gr / n, G = X^T X / n and the
+    ridges mu, lam, ``tr(S_mu E G_lam E^T)`` equals the discarded energy exactly (identity (**) of
+    fxopt.latent.factor), so the K-FAC loss estimate ``tr(S E G E^T)`` is bounded by it, also for
+    rank-deficient statistics; and no truncation of the same rank read off the input-only or the
+    plain SVD does better in that metric (Eckart-Young)."""
+    shape, W, bias, _ = layer
+    d = shape.hidden
+    sp = split_qkv(W, bias, shape)
+    m = sp.stacked().shape[0]
+    X = _activations(d, n, seed, rank=max(1, d // 2) if deficient else None)
+    Gr = _gradients(m, n, seed, rank=max(1, m // 3) if deficient else None)
+    wh = whitening(X.T @ X / n, damping)
+    rows = whitening(Gr.T @ Gr / n, damping)
+    svd = layer_svd(sp, whiten=wh, weight_rows=rows)
+    assert svd.metric == "fisher"
+    k = svd.s.numel()
+    r = max(1, min(k, round(frac * k)))
+    lat = truncate(sp, svd, r, shape, torch.float64)
+    M = sp.stacked()
+
+    def metric(E):
+        return float(torch.trace(rows.damped_gram @ E @ wh.damped_gram @ E.T))
+
+    def loss_estimate(E):  # the K-FAC form, undamped
+        return float(torch.trace((Gr.T @ Gr / n) @ E @ (X.T @ X / n) @ E.T))
+
+    E = M - lat.reconstructed()
+    whole = metric(M)
+    assert abs(metric(E) - svd.discarded_energy(r)) <= 1e-9 * whole + 1e-300
+    assert loss_estimate(E) <= svd.discarded_energy(r) + 1e-9 * whole + 1e-300
+    for other in (layer_svd(sp, whiten=wh), layer_svd(sp)):
+        assert metric(E) <= metric(M - truncate(sp, other, r, shape, torch.float64).reconstructed()) + 1e-9 * whole + 1e-300
+
+
+def test_fisher_weighting_beats_inputs_only_on_unequal_rows():
+    """Not vacuous: when some output rows matter far more to the loss, the two-sided truncation's
+    loss estimate is far below the input-only whitened truncation's at the same rank."""
+    shape = AttentionShape(32, 2, 16, 4)
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(96, 32, generator=g, dtype=torch.float64)
+    sp = split_qkv(W, None, shape)
+    m = sp.stacked().shape[0]
+    X = torch.randn(500, 32, generator=g, dtype=torch.float64) * torch.logspace(1, -1, 32, dtype=torch.float64)
+    Gr = _gradients(m, 500, 3)
+    G, S = X.T @ X / 500, Gr.T @ Gr / 500
+    inputs = truncate(sp, layer_svd(sp, whiten=whitening(G, 1e-6)), 16, shape, torch.float64)
+    fisher = truncate(sp, layer_svd(sp, whiten=whitening(G, 1e-6), weight_rows=whitening(S, 1e-6)), 16, shape,
+                      torch.float64)
+    M = sp.stacked()
+
+    def loss_estimate(lat):
+        E = M - lat.reconstructed()
+        return float(torch.trace(S @ E @ G @ E.T))
+
+    assert loss_estimate(fisher) < 0.25 * loss_estimate(inputs)  # measured 0.064 (rank 16 of 32)
+
+
+def test_isotropic_gradients_change_nothing():
+    """Look-alike: gradients of equal size in every row direction (S = c I) make the two-sided metric
+    a multiple of the input-only one: the same truncation, the same relative spectrum."""
+    shape = AttentionShape(24, 2, 12, 4)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(72, 24, generator=g, dtype=torch.float64)
+    sp = split_qkv(W, torch.randn(72, generator=g, dtype=torch.float64), shape)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    wh = whitening(X.T @ X / 300, 1e-3)
+    m = sp.stacked().shape[0]
+    iso = layer_svd(sp, whiten=wh, weight_rows=whitening(3.0 * torch.eye(m, dtype=torch.float64), 1e-3))
+    ref = layer_svd(sp, whiten=wh)
+    for r in (1, 5, 17):
+        a = truncate(sp, iso, r, shape, torch.float64).reconstructed()
+        b = truncate(sp, ref, r, shape, torch.float64).reconstructed()
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+        assert iso.kept_energy(r) == pytest.approx(ref.kept_energy(r), rel=1e-12)
+
+
+def test_fisher_svd_rejects_bad_statistics():
+    shape = AttentionShape(8, 2, 4, 2)
+    sp = split_qkv(torch.randn(24, 8, dtype=torch.float64), None, shape)
+    m = sp.stacked().shape[0]
+    with pytest.raises(LatentKVError, match="need the inputs' whitening"):
+        layer_svd(sp, weight_rows=whitening(torch.eye(m, dtype=torch.float64)))
+    with pytest.raises(LatentKVError, match=rf"need \({m}, {m}\)"):
+        layer_svd(sp, whiten=whitening(torch.eye(8, dtype=torch.float64)), weight_rows=whitening(torch.eye(m + 1)))
+
+
+# ----------------------------------------------------------------------------- the v refit
+def _value_objective(Mv, U, D, gram, damping):
+    """sum over heads of tr(E_h Gbar_h,lam E_h^T), E_h = M_v,h - U_h D: the refit's objective."""
+    total = 0.0
+    for h in range(Mv.shape[0]):
+        E = Mv[h] - U[h] @ D
+        total += float(torch.trace(E @ whitening(gram[h], damping).damped_gram @ E.T))
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer=layers(), frac=st.floats(0.0, 1.0), n=st.sampled_from([2, 9, 150]), deficient=st.booleans(),
+       damping=st.sampled_from([1e-6, 1e-3, 1e-1]), seed=st.integers(0, 2**16))
+def test_value_refit_is_least_squares(layer, frac, n, deficient, damping, seed):
+    """For any latent down-projection, the refit v ups minimise each head's attention-output error
+    ``tr(E_h Gbar_h E_h^T)`` (ridge included): no perturbation and not the SVD's own v ups do
+    better; the other weights of the layer are untouched."""
+    shape, W, bias, _ = layer
+    d, H = shape.hidden, shape.heads
+    sp = split_qkv(W, bias, shape)
+    svd = layer_svd(sp)
+    k = svd.s.numel()
+    r = max(1, min(k, round(frac * k)))
+    g = torch.Generator().manual_seed(seed)
+    xs = [_activations(d, n, seed + h, rank=max(1, d // 3) if deficient else None) for h in range(H)]
+    gram = torch.stack([x.T @ x / n for x in xs])
+    plain = truncate(sp, svd, r, shape, torch.float64)
+    refit = truncate(sp, svd, r, shape, torch.float64, value_gram=gram, damping=damping)
+    D = plain.down
+    assert torch.equal(refit.down, D) and torch.equal(refit.k_up, plain.k_up) and torch.equal(refit.q_weight, plain.q_weight)
+    Mv = sp.v_weight.double()
+    best = _value_objective(Mv, refit.v_up, D, gram, damping)
+    scale = _value_objective(Mv, torch.zeros_like(refit.v_up), D, gram, damping)  # ||M||^2 in the metric
+    assert best <= _value_objective(Mv, plain.v_up, D, gram, damping) + 1e-9 * scale + 1e-300
+    for _ in range(3):
+        delta = torch.randn(refit.v_up.shape, generator=g, dtype=torch.float64) * 1e-3 * (1 + float(refit.v_up.abs().max()))
+        assert best <= _value_objective(Mv, refit.v_up + delta, D, gram, damping) + 1e-9 * scale + 1e-300
+
+
+def test_value_refit_with_the_svds_own_metric_changes_nothing():
+    """Look-alike: refit to the same input second moment (and ridge) the SVD was whitened with --
+    also a two-sided SVD, whose row weights the least-squares ups do not depend on -- returns the
+    SVD's v ups: the refit changes v only through the attention-averaged statistic."""
+    shape = AttentionShape(24, 2, 12, 4)
+    g = torch.Generator().manual_seed(5)
+    sp = split_qkv(torch.randn(72, 24, generator=g, dtype=torch.float64), None, shape)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    G = X.T @ X / 300
+    Gr = _gradients(sp.stacked().shape[0], 300, 5)
+    for rows in (None, whitening(Gr.T @ Gr / 300, 1e-3)):
+        svd = layer_svd(sp, whiten=whitening(G, 1e-3), weight_rows=rows)
+        plain = truncate(sp, svd, 7, shape, torch.float64)
+        same = truncate(sp, svd, 7, shape, torch.float64, value_gram=torch.stack([G, G]), damping=1e-3)
+        assert torch.allclose(same.v_up, plain.v_up, rtol=1e-7, atol=1e-9 * float(plain.v_up.abs().max()))
+        # while a different statistic does change them
+        other = truncate(sp, svd, 7, shape, torch.float64, value_gram=torch.stack([torch.eye(24), G]).double(),
+                         damping=1e-3)
+        assert not torch.allclose(other.v_up[0], plain.v_up[0], rtol=1e-3)
+
+
+def test_value_refit_rejects_bad_statistics():
+    shape = AttentionShape(8, 2, 4, 2)
+    sp = split_qkv(torch.randn(24, 8, dtype=torch.float64), None, shape)
+    down = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(LatentKVError, match=r"\(heads, d, d\) = \(2, 8, 8\)"):
+        refit_value_up(sp, down, torch.eye(8))
+    with pytest.raises(LatentKVError, match="non-finite"):
+        refit_value_up(sp, down, torch.full((2, 8, 8), float("nan")))
+
+
 # ----------------------------------------------------------------------------- lossless
 @settings(max_examples=40, deadline=None)
 @given(layer=layers(max_heads=3, max_head_dim=16), seed=st.integers(0, 2**16))
@@ -324,15 +497,45 @@ def test_factorize_model_report_and_bytes_shrink_with_rank():
 
 
 def test_factorize_with_calibration_tokens():
+    """Token ids give the loss objective (two-sided SVD, v refit, absolute energies); objective="inputs"
+    the input-only whitened SVD; refit_values=False the SVD's own v ups; hooks are all removed."""
     model = tiny_gpt_neox(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)
     ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
-    hooks_before = [dict(l.attention.query_key_value._forward_pre_hooks) for l in model.gpt_neox.layers]
+
+    def hooks():
+        return [(dict(l.attention._forward_pre_hooks), dict(l.attention.query_key_value._forward_hooks),
+                 dict(l.attention.query_key_value._forward_pre_hooks)) for l in model.gpt_neox.layers]
+
+    before = hooks()
     f = factorize(model, rank=8, calibration=ids)
-    assert [l.metric for l in f.layers] == ["whitened"] * 2
-    assert any("calibrated on 60 tokens" in n for n in f.report().notes)
-    assert [dict(l.attention.query_key_value._forward_pre_hooks) for l in model.gpt_neox.layers] == hooks_before
+    assert [l.metric for l in f.layers] == ["fisher"] * 2
+    notes = " | ".join(f.report().notes)
+    assert "calibrated on 60 tokens" in notes and "K-FAC" in notes and "refit" in notes
+    assert hooks() == before
+    inputs = factorize(model, rank=8, calibration=ids, objective="inputs")
+    assert [l.metric for l in inputs.layers] == ["whitened"] * 2 and "refit" not in " ".join(inputs.report().notes)
+    no_refit = factorize(model, rank=8, calibration=ids, refit_values=False)
+    assert "refit" not in " ".join(no_refit.report().notes)
+    assert torch.equal(no_refit.layers[0].down, f.layers[0].down) and torch.equal(no_refit.layers[0].k_up, f.layers[0].k_up)
+    assert not torch.allclose(no_refit.layers[0].v_up, f.layers[0].v_up)
+    budget = factorize(model, budget=0.4, calibration=ids)
+    assert "ranks by absolute" in " ".join(budget.report().notes)
+    assert "ranks by relative" in " ".join(factorize(model, budget=0.4, calibration=ids, objective="inputs").report().notes)
     # lossless ignores calibration (full rank either way) and says so
     assert any("ignored" in n for n in factorize(model, calibration=ids).report().notes)
+
+
+def test_objective_resolution():
+    full = Calibration((torch.eye(2),), 5, (torch.eye(3),), None)
+    inputs_only = full.inputs_only()
+    assert resolve_objective(None, None) is None and resolve_objective(full, None) == "loss"
+    assert resolve_objective(inputs_only, None) == "inputs" and resolve_objective(full, "inputs") == "inputs"
+    with pytest.raises(LatentKVError, match="needs the loss gradients"):
+        resolve_objective(inputs_only, "loss")
+    with pytest.raises(LatentKVError, match="objective must be"):
+        resolve_objective(full, "perplexity")
+    assert default_energy("loss", None) == "absolute" and default_energy("inputs", None) == "relative"
+    assert default_energy(None, None) == "relative" and default_energy("loss", "relative") == "relative"
 
 
 def test_factorize_rejects_bad_arguments():
@@ -340,7 +543,11 @@ def test_factorize_rejects_bad_arguments():
     for kwargs, msg in [(dict(rank=0), "rank must be"), (dict(rank="half"), "rank must be"),
                         (dict(rank=True), "rank must be"), (dict(rank=4, budget=0.5), "either rank"),
                         (dict(calibration="text"), "calibration must be"),
-                        (dict(calibration=[torch.randn(4, 64)]), "needs 2 of")]:
+                        (dict(calibration=[torch.randn(4, 64)]), "needs 2 of"),
+                        (dict(rank=4, objective="ppl"), "objective must be"), (dict(rank=4, energy="x"), "energy must be"),
+                        (dict(rank=4, calibration=[torch.randn(4, 64)] * 2, objective="loss"), "needs the loss"),
+                        (dict(rank=4, calibration=Calibration((torch.eye(64),) * 2, 4, (torch.eye(5),) * 2)),
+                         "gradient statistics do not fit")]:
         with pytest.raises(LatentKVError, match=msg):
             factorize(model, **kwargs)
     with pytest.raises(LatentKVError, match="HF GPTNeoX"):

@@ -266,6 +266,31 @@ def test_calibration_is_used_and_layer_mismatch_is_named():
                        passes=[fxopt.get_pass("latent_kv", rank=4, calibration=cal)])
     with pytest.raises(LatentKVError, match="collect_calibration"):
         fxopt.get_pass("latent_kv", rank=4, calibration=ids)
+    with pytest.raises(LatentKVError, match="needs the loss gradients"):
+        fxopt.get_pass("latent_kv", rank=4, calibration=cal, objective="loss")
+
+
+def test_loss_calibration_gives_factorizes_weights():
+    """A calibration with the loss statistics: the pass's graph weights are factorize's (two-sided SVD,
+    v refit), its report says so, and the budget is spread by absolute (loss-unit) energies."""
+    model = _model(True, 0.25, True, seed=11)
+    ids, mask = _batch(seed=12)
+    cal = collect_calibration(model, ids, mask, gradients=True, value_inputs=True)
+    gm = fxopt.capture(model, (ids,))
+    LatentKVPass(rank=6, calibration=cal)(gm)
+    rep = latent_report(gm)
+    assert {r.metric for r in rep.rows} == {"fisher"} and any("refit" in n for n in rep.notes)
+    ref = factorize(model, rank=6, calibration=cal)
+    H, hd, R = 4, 16, 4
+    for i, lat in enumerate(ref.layers):
+        qkc = getattr(gm.latent_kv, f"L{i}_qkc_weight")
+        torch.testing.assert_close(qkc[H * hd + H * R:], lat.down, rtol=0, atol=0)
+        torch.testing.assert_close(getattr(gm.latent_kv, f"L{i}_up_weight"), lat.stacked_up(), rtol=0, atol=0)
+    budget = fxopt.optimize(model, (ids,), passes=[*PASSES, fxopt.get_pass("latent_kv", budget=0.4, calibration=cal)])
+    assert any("ranks by absolute" in n for n in latent_report(budget).notes)
+    inputs = fxopt.optimize(model, (ids,), passes=[*PASSES, fxopt.get_pass("latent_kv", rank=6, calibration=cal,
+                                                                           objective="inputs")])
+    assert {r.metric for r in latent_report(inputs).rows} == {"whitened"}
     for bad in ({"rank": 0}, {"rank": 4, "budget": 0.5}, {"budget": 1.5}, {"decode": "fast"}):
         with pytest.raises(LatentKVError):
             fxopt.get_pass("latent_kv", **bad)

@@ -25,6 +25,32 @@ equality becomes this identity), every direction keeps a floor weight ``lam`` (i
 the calibration set are not left unprotected), and ``L_lam``'s condition number is at most
 ``sqrt(1 + d / damping)`` (fine in fp64). ``tests/test_latent_factor.py`` checks (*).
 
+**The loss-aware metric** (``objective="loss"``; calibration with gradients, see
+:mod:`fxopt.latent.calibration`). The output error above weighs every k_pass / v row alike, but a
+row's error costs the model's loss in proportion to the loss's sensitivity to that output. With
+``S`` the second moment of the loss gradient with respect to the rows' outputs (m x m), the
+Kronecker-factored Fisher approximation (K-FAC) gives the loss increase of a weight error ``E`` as
+about ``tr(S E G E^T) / 2`` per token. With ``R^T R = S_mu = S + mu I`` (``mu = damping * tr(S) / m``,
+the same ridge) this is ``||R E L||_F^2``: two-sided whitening, and Eckart-Young on ``A = R M L``
+gives the best rank-r ``M_r = R^{-1} U_r S_r V_r^T L^{-1}`` with, exactly,
+
+    tr(S_mu E G_lam E^T)  =  sum of the discarded s_i^2 of R M L                           (**)
+
+(``tests/test_latent_factor.py`` checks it). The discarded energies are then in loss units in every
+layer, so a cache budget is spread over the layers by them directly (``energy="absolute"``).
+
+**The value refit** (``value_gram=`` of :func:`truncate`). Head ``h``'s attention output is
+``o_i = M_v,h xbar_i + b`` with ``xbar_i = sum_j p_ij x_j`` the attention-weighted average of the
+layer inputs, so the v rows' error that reaches the output is ``E_v,h xbar_i``: its second moment
+``Gbar_h`` (not ``G``) is the right input metric for v. Given the latent down-projection ``W_D``
+(which k_pass and v share, chosen by the SVD), the v up-projection minimising
+``tr(E_v,h Gbar_h E_v,h^T)`` is the least-squares solution
+``U_v,h = M_v,h Gbar_h W_D^T (W_D Gbar_h W_D^T)^{-1}`` (``Gbar_h`` with the same ridge), independent
+of any left weighting of the head's rows. With ``Gbar_h`` replaced by the ``G_lam`` the SVD used, it
+returns the SVD's own v up-projection (the SVD's ups are least-squares optimal for its down in its
+metric): the refit changes v only through the different statistic. After a refit the layer's
+``kept_energy`` / ``discarded_energy`` still describe the SVD truncation, not the refit v.
+
 **Lossless rank.** ``rank="lossless"`` keeps every singular value above
 ``tol = (eps / 2) ||M||_F`` (plain metric; ``eps`` of the weights' storage dtype): rounding the
 stored weights to their dtype perturbs ``M`` by up to ``(eps/2)|M_ij|`` per element, i.e. by at
@@ -95,7 +121,7 @@ def whitening(gram: Tensor, damping: float = DEFAULT_DAMPING) -> Whitening:
 
 @dataclass(frozen=True)
 class LayerSVD:
-    """The SVD one layer's truncations are read from: ``A = M L = U diag(s) Vh``."""
+    """The SVD one layer's truncations are read from: ``A = R M L = U diag(s) Vh``."""
 
     U: Tensor                      # (m, k) fp64
     s: Tensor                      # (k,) descending
@@ -103,8 +129,10 @@ class LayerSVD:
     L_inv: Optional[Tensor]        # (d, d), None for the plain metric (L = I)
     lossless_rank: int
     tolerance: float
-    metric: str                    # "plain" | "whitened"
+    metric: str                    # "plain" | "whitened" | "fisher"
     lam: float = 0.0
+    R_inv: Optional[Tensor] = None  # (m, m), None unless the rows are weighted (R = I)
+    mu: float = 0.0
 
     @property
     def energy(self) -> Tensor:
@@ -122,29 +150,66 @@ class LayerSVD:
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """``(up (m, r), down (r, d))`` in fp64 with ``up @ down = M_r``."""
         up = self.U[:, :rank] * self.s[:rank]
+        if self.R_inv is not None:
+            up = self.R_inv @ up
         down = self.Vh[:rank]
         if self.L_inv is not None:
             down = down @ self.L_inv
         return up, down
 
 
-def layer_svd(split: SplitQKV, *, whiten: Optional[Whitening] = None, storage_dtype: Optional[torch.dtype] = None) -> LayerSVD:
-    """SVD of the layer's stacked k_pass / v weights, plain or whitened by ``whiten``."""
+def layer_svd(split: SplitQKV, *, whiten: Optional[Whitening] = None, weight_rows: Optional[Whitening] = None,
+              storage_dtype: Optional[torch.dtype] = None) -> LayerSVD:
+    """SVD of the layer's stacked k_pass / v weights, plain, whitened by ``whiten`` (the inputs'
+    second moment) or, with ``weight_rows`` (the loss gradients' second moment over ``M``'s rows, m x m)
+    too, two-sided (the loss-aware metric of the module docstring)."""
     # fp64 on the CPU whatever the weights' device (LAPACK; calibration statistics live there too)
     M = split.stacked().detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(M).all()):
         raise LatentKVError("the layer's k / v weights hold inf or nan: there is nothing to factorise")
+    if weight_rows is not None and whiten is None:
+        raise LatentKVError("row weights (loss gradients) need the inputs' whitening too: the metric is S (x) G")
+    if weight_rows is not None and tuple(weight_rows.gram.shape) != (M.shape[0], M.shape[0]):
+        raise LatentKVError(f"the gradient second moment is {tuple(weight_rows.gram.shape)}; this layer's k_pass / v "
+                            f"rows need ({M.shape[0]}, {M.shape[0]})")
     storage_dtype = storage_dtype or split.v_weight.dtype
     eps = torch.finfo(storage_dtype).eps if storage_dtype.is_floating_point else torch.finfo(torch.float32).eps
     tol = 0.5 * eps * float(torch.linalg.matrix_norm(M))
     A = M if whiten is None else M @ whiten.L
+    R_inv = None
+    if weight_rows is not None:
+        A = weight_rows.L.T @ A              # R = L_S^T: R^T R = S_mu
+        R_inv = weight_rows.L_inv.T
     U, s, Vh = torch.linalg.svd(A, full_matrices=False)
     if whiten is not None:
         tol *= float(whiten.eigvals.max().sqrt())  # the rounding of M, seen through L (||L||_2)
+    if weight_rows is not None:
+        tol *= float(weight_rows.eigvals.max().sqrt())  # ... and through R
     lossless = int((s > tol).sum())
+    metric = "plain" if whiten is None else ("whitened" if weight_rows is None else "fisher")
     return LayerSVD(U=U, s=s, Vh=Vh, L_inv=None if whiten is None else whiten.L_inv, lossless_rank=lossless,
-                    tolerance=tol, metric="plain" if whiten is None else "whitened",
-                    lam=0.0 if whiten is None else whiten.lam)
+                    tolerance=tol, metric=metric, lam=0.0 if whiten is None else whiten.lam, R_inv=R_inv,
+                    mu=0.0 if weight_rows is None else weight_rows.lam)
+
+
+def refit_value_up(split: SplitQKV, down: Tensor, value_gram: Tensor, damping: float = DEFAULT_DAMPING) -> Tensor:
+    """The v up-projections (H, hd, r) fp64 minimising each head's attention-output error for the
+    latent ``down`` (r, d) given the head's attention-averaged input second moments ``value_gram``
+    (H, d, d) with the ridge ``damping * tr / d`` (module docstring, "the value refit")."""
+    H, hd, d = split.v_weight.shape
+    if value_gram.dim() != 3 or tuple(value_gram.shape) != (H, d, d):
+        raise LatentKVError(f"value second moments must be (heads, d, d) = ({H}, {d}, {d}), got {tuple(value_gram.shape)}")
+    if not bool(torch.isfinite(value_gram).all()):
+        raise LatentKVError("value second moments have non-finite entries (inf/nan activations?)")
+    D = down.detach().to("cpu", torch.float64)
+    Mv = split.v_weight.detach().to("cpu", torch.float64)
+    out = torch.empty(H, hd, D.shape[0], dtype=torch.float64)
+    for h in range(H):
+        G = whitening(value_gram[h], damping).damped_gram
+        DG = D @ G                                      # (r, d)
+        # U^T = (D G D^T)^{-1} D G M^T: an r x r positive definite solve (D has full row rank)
+        out[h] = torch.linalg.solve(DG @ D.T, DG @ Mv[h].T).T
+    return out
 
 
 @dataclass
@@ -201,9 +266,11 @@ class LatentLayer:
 
 
 def truncate(split: SplitQKV, svd: LayerSVD, rank: int, shape: AttentionShape,
-             dtype: Optional[torch.dtype] = None) -> LatentLayer:
+             dtype: Optional[torch.dtype] = None, *, value_gram: Optional[Tensor] = None,
+             damping: float = DEFAULT_DAMPING) -> LatentLayer:
     """The rank-``rank`` latent layer from a :class:`LayerSVD` (``rank`` is clamped to the SVD's
-    size; biases copied unchanged)."""
+    size; biases copied unchanged). ``value_gram`` (H, d, d): refit the v up-projections to the
+    heads' attention-averaged inputs (:func:`refit_value_up`)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LatentKVError(f"latent rank must be an int >= 1, got {rank!r}")
     notes = []
@@ -214,10 +281,12 @@ def truncate(split: SplitQKV, svd: LayerSVD, rank: int, shape: AttentionShape,
     dtype = dtype or split.v_weight.dtype
     device = split.v_weight.device
     up, down = svd.factors(rank)
-    up, down = up.to(device), down.to(device)
     H, P, hd = shape.heads, shape.pass_dim, shape.head_dim
     k_up = up[: H * P].reshape(H, P, rank)
     v_up = up[H * P:].reshape(H, hd, rank)
+    if value_gram is not None:
+        v_up = refit_value_up(split, down, value_gram, damping)
+    k_up, v_up, down = k_up.to(device), v_up.to(device), down.to(device)
 
     def cp(t):
         return None if t is None else t.detach().to(dtype).clone()

@@ -11,7 +11,8 @@ measurements (latent KV truncation, bf16 scan numerics) run on.
 * the data: :func:`stdlib_files` (a fixed train / held-out split by a stable hash of each file's
   path relative to the stdlib root, so it is the same rule on every Python version), the byte
   streams (:func:`byte_stream`: files joined by a 0 byte, which Python source never contains)
-  and :func:`heldout_windows` / :func:`bits_per_byte` for the held-out metric.
+  and :func:`heldout_windows` / :func:`spread_windows` / :func:`bits_per_byte` /
+  :func:`window_bits_per_byte` for the held-out metric.
 """
 from __future__ import annotations
 
@@ -99,26 +100,45 @@ def windows(stream: Tensor, context: int, max_windows: Optional[int] = None) -> 
     return stream.long()[idx]
 
 
+def spread_windows(stream: Tensor, context: int, count: int) -> Tensor:
+    """``count`` of the stream's non-overlapping windows ``(count, context + 1)``, evenly spaced over
+    the whole stream (first and last included): a sample of every part of it, where the first
+    ``count`` windows would be the first few files only. Fewer when the stream has fewer windows."""
+    if count < 1:
+        raise FxoptError(f"count must be >= 1, got {count}")
+    n = (stream.numel() - 1) // context
+    if n < 1:
+        raise FxoptError(f"a stream of {stream.numel()} bytes has no window of {context + 1}")
+    idx = torch.linspace(0, n - 1, min(count, n), dtype=torch.float64).round().long().unique()
+    return stream.long()[idx[:, None] * context + torch.arange(context + 1)[None, :]]
+
+
 def heldout_windows(context: int = 512, max_windows: Optional[int] = None, root: Optional[Path] = None) -> Tensor:
     return windows(byte_stream("heldout", root), context, max_windows)
 
 
-def bits_per_byte(logits_fn: Callable[[Tensor], Tensor], wins: Tensor, batch_size: int = 16,
-                  device: Union[str, torch.device, None] = None) -> float:
-    """Mean cross-entropy in bits of ``wins[:, 1:]`` given ``wins[:, :-1]``; ``logits_fn(ids)`` returns
-    (b, L, 256) logits (any float dtype; the loss is taken in fp32)."""
-    total, count = 0.0, 0
+def window_bits_per_byte(logits_fn: Callable[[Tensor], Tensor], wins: Tensor, batch_size: int = 16,
+                         device: Union[str, torch.device, None] = None) -> Tensor:
+    """Per window (n,) fp64: the mean cross-entropy in bits of ``wins[i, 1:]`` given ``wins[i, :-1]``;
+    ``logits_fn(ids)`` returns (b, L, 256) logits (any float dtype; the loss is taken in fp32). Paired
+    differences of two models over the same windows give a standard error for the difference."""
+    out = []
     with torch.no_grad():
         for s in range(0, wins.shape[0], batch_size):
             w = wins[s:s + batch_size]
             if device is not None:
                 w = w.to(device)
             logits = logits_fn(w[:, :-1]).float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                                    reduction="sum")
-            total += float(nll)
-            count += w[:, 1:].numel()
-    return total / count / math.log(2)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none")
+            out.append(nll.double().sum(1).cpu() / w[:, 1:].shape[1] / math.log(2))
+    return torch.cat(out)
+
+
+def bits_per_byte(logits_fn: Callable[[Tensor], Tensor], wins: Tensor, batch_size: int = 16,
+                  device: Union[str, torch.device, None] = None) -> float:
+    """Mean cross-entropy in bits of ``wins[:, 1:]`` given ``wins[:, :-1]`` (every window has the same
+    length, so this is the mean of :func:`window_bits_per_byte`)."""
+    return float(window_bits_per_byte(logits_fn, wins, batch_size, device).mean())
 
 
 def model_bits_per_byte(model, wins: Tensor, batch_size: int = 16) -> float:

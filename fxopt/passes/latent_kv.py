@@ -14,7 +14,8 @@ The pass rewrites a graph's attentions all or none: the cache layout is per mode
 whose layers the pass only partly understands is not one to change the cache of.
 
 **The math** (:mod:`fxopt.latent`): per layer ``M = [W_k_pass; W_v]`` is factored (SVD, optionally
-whitened by calibration statistics) into ``W_D`` (r x d) and per-head ups; q and the rotary part of
+whitened by calibration statistics: the inputs', or the loss gradients' and the inputs', with the v
+ups refit to the attention-averaged inputs) into ``W_D`` (r x d) and per-head ups; q and the rotary part of
 k are kept exactly. The cache holds ``c = x W_D^T`` (r values) and the post-rotary ``k_rot`` (H R)
 per token instead of K and V (2 H hd). Biases stay exact in the up path.
 
@@ -42,8 +43,9 @@ allocates the latent cache and ``cache_bytes`` counts it.
 int (clamped to the lossless rank); ``budget=f`` (cache <= f x MHA, ranks spread over the layers by
 their spectra); ``calibration=`` a :class:`fxopt.latent.Calibration` or one activation tensor
 ``(..., d)`` per layer (layer inputs of ``query_key_value``; ``fxopt.latent.collect_calibration(model,
-ids)`` measures them); ``decode="absorb" | "reconstruct"``; ``damping``, ``energy`` as
-:func:`fxopt.latent.factorize`.
+ids)`` measures them; with ``gradients=True, value_inputs=True`` it also measures what the loss-aware
+objective needs); ``decode="absorb" | "reconstruct"``; ``damping``, ``energy``, ``objective``,
+``refit_values`` as :func:`fxopt.latent.factorize`.
 
 **Report**: ``PassResult.stats`` holds ``matches``, per layer ``layer<i>.rank``,
 ``layer<i>.lossless_rank``, ``layer<i>.kept_energy`` (a float fraction), ``layer<i>.bytes_before`` /
@@ -78,7 +80,9 @@ from torch.fx import Node
 from ..graph_utils import propagate_meta
 from ..layer_generic import refuse_template
 from ..latent import (DEFAULT_DAMPING, AttentionShape, Calibration, LatentFactorization, LatentKVError, LatentLayer,
-                      allocate_ranks, layer_svd, split_qkv, truncate, whitening)
+                      allocate_ranks, split_qkv, truncate)
+from ..latent.plan import (calibrated_svd, calibration_notes, check_calibration, default_energy, resolve_objective,
+                           value_gram_for)
 from ..latent.budget import latent_bytes_per_token, mha_bytes_per_token
 from ..ops.latent_attention import LATENT_DECODE_ATTENTION
 from ..pass_base import Pass, PassResult
@@ -136,7 +140,8 @@ class LatentKVPass(Pass):
 
     def __init__(self, rank: Union[str, int] = "lossless", budget: Optional[float] = None,
                  calibration: Union[Calibration, Sequence[torch.Tensor], None] = None, *, decode: str = "absorb",
-                 damping: float = DEFAULT_DAMPING, energy: str = "relative"):
+                 damping: float = DEFAULT_DAMPING, energy: Optional[str] = None, objective: Optional[str] = None,
+                 refit_values: bool = True):
         if budget is not None and rank != "lossless":
             raise LatentKVError("latent_kv: give either rank= or budget=, not both (budget chooses the ranks)")
         if not (rank == "lossless" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):
@@ -146,10 +151,13 @@ class LatentKVPass(Pass):
             raise LatentKVError(f"latent_kv: budget must be a fraction of the MHA cache in (0, 1], got {budget!r}")
         if decode not in DECODE_MODES:
             raise LatentKVError(f"latent_kv: decode must be one of {DECODE_MODES}, got {decode!r}")
-        if energy not in ("relative", "absolute"):
+        if energy is not None and energy not in ("relative", "absolute"):
             raise LatentKVError(f"latent_kv: energy must be 'relative' or 'absolute', got {energy!r}")
         self.rank, self.budget, self.decode, self.damping, self.energy = rank, budget, decode, damping, energy
         self.calibration = self._calibration(calibration)
+        # the objective the calibration allows (None without one); a bad or unsatisfiable choice fails here
+        self.objective = resolve_objective(self.calibration, objective)
+        self.refit_values = bool(refit_values)
         self._svds: dict = {}
         self.last_rejections: list[Rejection] = []
         self.last_report = None
@@ -247,8 +255,8 @@ class LatentKVPass(Pass):
     # ------------------------------------------------------------------ factorisation
     def _svd(self, gm, site: Site, layer: int, grams_ok: bool):
         w, b = _tensor(gm, site.weight), _tensor(gm, site.bias)
-        gram = self.calibration.grams[layer] if (grams_ok and self.calibration is not None) else None
-        key = (id(w), id(b), None if gram is None else id(gram))
+        cal = self.calibration if grams_ok else None
+        key = (id(w), id(b), None if cal is None else id(cal), layer)
         hit = self._svds.get(key)
         if hit is not None:
             wref, bref, wv, bv, split, svd = hit
@@ -256,7 +264,7 @@ class LatentKVPass(Pass):
                 return split, svd
         shp = AttentionShape(site.hidden, site.heads, site.head_dim, site.rotary_dim)
         split = split_qkv(w.detach(), None if b is None else b.detach(), shp)
-        svd = layer_svd(split, whiten=None if gram is None else whitening(gram, self.damping), storage_dtype=w.dtype)
+        svd = calibrated_svd(split, cal, layer, self.objective if cal is not None else None, self.damping, w.dtype)
         self._svds[key] = (weakref.ref(w), None if b is None else weakref.ref(b), w._version,
                            None if b is None else b._version, split, svd)
         return split, svd
@@ -280,6 +288,10 @@ class LatentKVPass(Pass):
                 notes.append(f"calibration for {len(cal.grams)} layers, the graph has {n}: not applied (a layer-"
                              "template probe; the whole model's graph is calibrated)")
                 use_cal = False
+            else:
+                check_calibration(cal, n, shp)
+        objective = self.objective if use_cal else None
+        energy = default_energy(objective, self.energy)
         w0 = _tensor(gm, sites[0].weight)
         dtype = w0.dtype
         cache_dtype = dtype
@@ -287,8 +299,8 @@ class LatentKVPass(Pass):
         svds = [p[1] for p in pairs]
         if self.budget is not None:
             ranks = allocate_ranks([s.s for s in svds], [s.lossless_rank for s in svds], shp, self.budget,
-                                   cache_dtype, self.energy)
-            notes.append(f"budget {self.budget:g} of the MHA cache; ranks by {self.energy} kept energy per byte")
+                                   cache_dtype, energy)
+            notes.append(f"budget {self.budget:g} of the MHA cache; ranks by {energy} kept energy per byte")
         elif self.rank == "lossless":
             ranks = [max(1, s.lossless_rank) for s in svds]
         else:
@@ -298,9 +310,11 @@ class LatentKVPass(Pass):
                 if self.rank > cap:
                     notes.append(f"layer {i}: rank {self.rank} > lossless rank {cap}: using {cap}")
                 ranks.append(min(self.rank, cap))
+        value_grams = [value_gram_for(cal if use_cal else None, s.layer, objective, self.refit_values) for s in sites]
         if use_cal:
-            notes.append(f"calibrated on {cal.tokens} tokens (damping {self.damping:g})")
-        layers = [truncate(split, svd, r, shp, dtype) for (split, svd), r in zip(pairs, ranks)]
+            notes += calibration_notes(cal, objective, self.damping, value_grams[0] is not None)
+        layers = [truncate(split, svd, r, shp, dtype, value_gram=vg, damping=self.damping)
+                  for (split, svd), r, vg in zip(pairs, ranks, value_grams)]
         return LatentFactorization(shp, layers, cache_dtype, notes)
 
     # ------------------------------------------------------------------ the pass
