@@ -356,6 +356,8 @@ _GLUON_CFGS = [
     dict(TPC=2, W=2, BC_REG=True),                            # the wide-batch default: B / C via registers
     dict(NP=64, TPC=16, K=16, BC_REG=True, HAS_H0=True),
     dict(dtype="*bf16", BC_LMAJOR=False),                     # bf16, B / C unit-stride along n
+    dict(dtype="*bf16", TPC=2, W=2, BC_REG=True),             # bf16 B / C unit-stride along l: registers, no copy
+    dict(dtype="*bf16", TPC=8, BC_REG=True),                  # ... with the short-and-narrow choice (b1 l512)
     dict(STATE_ONLY=True),                                    # the group pre-pass
     dict(NP=1, TPC=1, K=8, HAS_Z=False, HAS_D=False, N_EVEN=False),
     dict(NP=64, TPC=8, W=2),

@@ -341,3 +341,89 @@ def test_unusual_layouts_run_as_the_reference_interpreted():
     r = subprocess.run([sys.executable, "-c", _LAYOUTS_INTERPRETED], env=env, capture_output=True, text=True,
                        timeout=600, cwd=root)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the Gluon kernel's layout needs (decided on the host: no GPU needed)
+# ----------------------------------------------------------------------------------------------
+def _gluon_cfg(tpc=2, bc_reg=True):
+    from fxopt.codegen.scan_config import GluonScanConfig
+
+    return GluonScanConfig(TPC=tpc, M=1, W=1, K=16, STAGES=3, G=1, exp="fma", bc_reg=bc_reg)
+
+
+def _bc_args(dtype, bc_layout, n=16, bc_dtype=None):
+    gen = torch.Generator().manual_seed(0)
+    b, d, L = 2, 8, 32
+    bc_dtype = bc_dtype or dtype
+    ts = [_tensor("u", b, d, L, n, dtype, "contiguous", gen), _tensor("delta", b, d, L, n, dtype, "contiguous", gen),
+          _tensor("A", b, d, L, n, torch.float32, "contiguous", gen),
+          _tensor("B", b, d, L, n, bc_dtype, bc_layout, gen), _tensor("C", b, d, L, n, bc_dtype, bc_layout, gen),
+          _tensor("D", b, d, L, n, torch.float32, "contiguous", gen),
+          _tensor("z", b, d, L, n, dtype, "contiguous", gen), None]
+    return SelectiveScanArgs(*ts, None)
+
+
+def _received(a, choice):
+    return [a[i] if choice.preps[i] is None else choice.preps[i](a[i]) for i in range(8)]
+
+
+def test_gluon_reads_16bit_l_major_b_c_through_registers_without_copies():
+    """bf16 B / C unit-stride along l (what a contiguous (b, n, l) B / C is): with bc_reg the
+    kernel loads them through registers as they are: no per-call fp32 copies (each an allocation
+    and a kernel launch)."""
+    scan_gluon = pytest.importorskip("fxopt.codegen.scan_gluon")
+    a = _bc_args(torch.bfloat16, "contiguous")
+    choice = scan_gluon.specialise(a, _gluon_cfg(), (9, 0))
+    assert choice.preps[3] is None and choice.preps[4] is None
+    lmajor, bc_reg = choice.constexprs[5], choice.constexprs[8]
+    assert lmajor and bc_reg
+
+
+def test_gluon_copies_16bit_b_c_for_the_async_copies():
+    """The look-alike: the same bf16 l-major B / C with bc_reg off go through async copies, which
+    move >= 4 bytes per piece along n: they are read as fp32 copies (exactly B.float())."""
+    scan_gluon = pytest.importorskip("fxopt.codegen.scan_gluon")
+    a = _bc_args(torch.bfloat16, "contiguous")
+    choice = scan_gluon.specialise(a, _gluon_cfg(bc_reg=False), (9, 0))
+    assert choice.preps[3] is not None and choice.preps[4] is not None
+    got = _received(a, choice)
+    assert got[3].dtype == torch.float32 and torch.equal(got[3], a.B.float()) and torch.equal(got[4], a.C.float())
+    assert choice.constexprs[5] and not choice.constexprs[8]
+
+
+@settings(max_examples=60)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       bc_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]),
+       bc_layout=st.sampled_from(["contiguous", "transposed", "offset"]), n=st.sampled_from([4, 16, 12]),
+       tpc=st.sampled_from([1, 2, 8]), bc_reg=st.booleans())
+def test_gluon_b_c_reach_the_kernel_in_a_layout_it_reads(dtype, bc_dtype, bc_layout, n, tpc, bc_reg):
+    """Whatever B / C look like: fp32 ones are never copied; a 16-bit one reaches the kernel
+    uncopied only through registers (BC_REG: both unit-stride along l) or through the async
+    copies' n-major layout with >= 2 states per lane, strides divisible by 16 elements and
+    16-byte aligned; a copy is exactly the fp32 value; the kernel's layout flags describe what it
+    receives."""
+    scan_gluon = pytest.importorskip("fxopt.codegen.scan_gluon")
+    from fxopt.codegen.scan_config import kernel_strides, next_pow2
+
+    a = _bc_args(dtype, bc_layout, n=n, bc_dtype=bc_dtype)
+    choice = scan_gluon.specialise(a, _gluon_cfg(tpc=tpc, bc_reg=bc_reg), (9, 0))
+    if choice is None:  # 16-bit tiles the async copies cannot take (K < 2 TPC): the Triton kernel runs
+        assert dtype != torch.float32 and 16 < 2 * min(tpc, next_pow2(n))
+        return
+    got = _received(a, choice)
+    lmajor, bc_reg_on = choice.constexprs[5], choice.constexprs[8]
+    B, C = got[3], got[4]
+    assert lmajor == (B.stride(2) == 1 and C.stride(2) == 1 and not (B.stride(1) == 1 and C.stride(1) == 1))
+    assert bc_reg_on == (bc_reg and lmajor)
+    NP = next_pow2(n)
+    wide = n == NP and NP // min(tpc, NP) >= 2
+    for orig, rec, i in ((a.B, B, 3), (a.C, C, 4)):
+        if orig.dtype == torch.float32:
+            assert choice.preps[i] is None
+        elif choice.preps[i] is None:
+            sb, _, sl = kernel_strides(orig)
+            assert bc_reg_on or (orig.stride(1) == 1 and wide and sb % 16 == 0 and sl % 16 == 0
+                                 and orig.data_ptr() % 16 == 0)
+        else:
+            assert rec.dtype == torch.float32 and torch.equal(rec, orig.float())

@@ -319,12 +319,21 @@ def _bc_prep(t: Tensor, wide_n: bool):
     return _fp32_copy
 
 
+def _l_major(B: Tensor, C: Tensor) -> bool:
+    """B and C unit-stride along l (and not both along n too): the kernel's BC_LMAJOR layout."""
+    return B.stride(2) == 1 and C.stride(2) == 1 and not (B.stride(1) == 1 and C.stride(1) == 1)
+
+
 def specialise(a: SelectiveScanArgs, cfg: GluonScanConfig, cap: tuple) -> Optional[KernelChoice]:
     """What :func:`selective_scan_kernel` needs of the launches for inputs like ``a`` (a GPU of
     compute capability ``cap``), or None when it declines the layout. Async copies move 4, 8 or
     16 bytes per piece: 16-bit tiles must be unit-stride along l with K / TPC >= 2 and whole
-    pieces inside the sequence; 16-bit B / C unit-stride along n with >= 2 states per lane (else
-    they are read as fp32 copies: b*n*l, small)."""
+    pieces inside the sequence; 16-bit B / C copied asynchronously must be unit-stride along n
+    with >= 2 states per lane (else they are read as fp32 copies: b*n*l, small). B / C unit-stride
+    along l with ``bc_reg`` go through registers (BC_REG: plain loads, any dtype) and are never
+    copied: a copy there would be an extra allocation and kernel launch per call (the fp32 copies
+    made bf16 calls ~20 us slower on the host than fp32 ones, benchmarks/host_cost.py on an H200)
+    for values the kernel converts to fp32 exactly as the copy would."""
     n, L = a.A.shape[-1], a.u.shape[2]
     NP = next_pow2(n)
     TPC = min(cfg.TPC, NP)
@@ -336,9 +345,10 @@ def specialise(a: SelectiveScanArgs, cfg: GluonScanConfig, cap: tuple) -> Option
             preps[i] = _tile_prep(a[i])
     n_even = n == NP
     wide = n_even and NP // TPC >= 2
-    preps[3], preps[4] = _bc_prep(a.B, wide), _bc_prep(a.C, wide)
+    if not (cfg.bc_reg and _l_major(a.B, a.C)):
+        preps[3], preps[4] = _bc_prep(a.B, wide), _bc_prep(a.C, wide)
     B, C = (a[i] if preps[i] is None else preps[i](a[i]) for i in (3, 4))
-    lmajor = B.stride(2) == 1 and C.stride(2) == 1 and not (B.stride(1) == 1 and C.stride(1) == 1)
+    lmajor = _l_major(B, C)
     constexprs = (NP, TPC, cfg.M, cfg.W, cfg.K, lmajor, cfg.STAGES, n_even, cfg.bc_reg and lmajor,
                   cfg.exp == "sfu", sfu_bias(cfg, cap))
     return KernelChoice(kernel=selective_scan_kernel, block_d=cfg.M * (32 // TPC) * cfg.W, chunk=cfg.K,
