@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fxopt  # noqa: E402
 from fxopt.registry import BLOCK_PASSES, DEFAULT_PASSES  # noqa: E402
 
+# default + causal_sdpa: what the causal-mask rule alone is worth (it goes before addcmul/residual_add
+# like in BLOCK_PASSES; the order does not matter to it, the rule only touches the mask and SDPA)
+PASS_SETS = {"default": DEFAULT_PASSES, "block": BLOCK_PASSES,
+             "causal": ("scan", "causal_sdpa") + tuple(p for p in DEFAULT_PASSES if p != "scan")}
 PEAK_FP16_FLOPS = 790e12  # H200 dense fp16/bf16 (device notes)
 
 
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile", action="store_true", help="also a torch.compile row (its compile time included)")
+    ap.add_argument("--sets", default="default,block",
+                    help="comma-separated pass sets: default, block (BLOCK_PASSES), causal (default + causal_sdpa)")
+    ap.add_argument("--no-plain", action="store_true", help="only the CUDA-graph replay rows of each set")
     args = ap.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.float16
@@ -102,8 +109,9 @@ def main(argv=None) -> int:
         if args.compile:
             rows.append(compile_row(model, ids, ref, device, iters, b, length))
             print(json.dumps(rows[-1]), flush=True)
-        for label, passes in (("default", DEFAULT_PASSES), ("block", BLOCK_PASSES)):
-            for graphs in (False, "auto"):
+        for label in args.sets.split(","):
+            passes = PASS_SETS[label]
+            for graphs in ((False, "auto") if not args.no_plain else ("auto",)):
                 t0 = time.perf_counter()
                 try:
                     with torch.no_grad():
