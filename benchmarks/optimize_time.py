@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fxopt  # noqa: E402
 from fxopt.registry import BLOCK_PASSES, DEFAULT_PASSES  # noqa: E402
 
-MODELS = ("mamba_fp32", "mamba_bf16", "neox_default", "neox_block")
+MODELS = ("mamba_fp32", "mamba_bf16", "mamba_fp32_block", "mamba_bf16_block", "neox_default", "neox_block")
 
 
 # ----------------------------------------------------------------- the phase clock
@@ -118,7 +118,7 @@ def _targets():
         (lg, "skeleton", "leaf", "skeleton"),
         (lyr, "fit_layer_template", "leaf", "layer fit"),
         (lyr, "_layers_differ", "leaf", "layer fit"),
-        (lyr, "_peel_plausible", "leaf", "layer fit"),
+        (lyr, "_peel_evidence", "leaf", "layer fit"),
         (lyr, "check_layer_attributes", "leaf", "layer fit"),
         (lg, "repropagate", "leaf", "repropagate"),
         (lyr, "repropagate", "leaf", "repropagate"),
@@ -155,23 +155,25 @@ def phase_clock():
 
 # ----------------------------------------------------------------- models
 
-def build(name: str, smoke: bool, device: str):
+def build(name: str, smoke: bool, device: str, layers: int | None = None):
     """The model of row ``name``, its dtype and passes. Weights are random (seed 0); GPTNeoX is
-    created on ``device`` in fp16 directly."""
+    created on ``device`` in fp16 directly. ``layers``: the stack's depth instead of the shape's."""
     import transformers
 
     from fxopt.models import hf
 
     if name.startswith("mamba"):
-        dtype = torch.float32 if name == "mamba_fp32" else torch.bfloat16
+        dtype = torch.float32 if name.startswith("mamba_fp32") else torch.bfloat16
         cfg = hf.hf_mamba_config(vocab_size=512, hidden_size=64, num_hidden_layers=5) if smoke \
             else hf.mamba_130m_config()
-        make, passes = transformers.MambaForCausalLM, DEFAULT_PASSES
+        make, passes = transformers.MambaForCausalLM, (BLOCK_PASSES if name.endswith("_block") else DEFAULT_PASSES)
     else:
         dtype = torch.float32 if smoke and device == "cpu" else torch.float16
         cfg = hf.gpt_neox_config(True, vocab_size=512, hidden_size=64, num_hidden_layers=5, num_attention_heads=4) \
             if smoke else hf.gpt_neox_2_8b_config()
         make, passes = transformers.GPTNeoXForCausalLM, (DEFAULT_PASSES if name == "neox_default" else BLOCK_PASSES)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -238,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="optimize() calls per model (the first pays one-time costs)")
     ap.add_argument("--smoke", action="store_true", help="tiny models (5 layers) on the CPU: checks the script runs")
     ap.add_argument("--profile", default=None, metavar="DIR", help="also write a cProfile dump per row here")
+    ap.add_argument("--layers", type=int, default=None, help="the stack's depth (default: the shape's; --smoke: 5)")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
         os.makedirs(args.profile, exist_ok=True)
     results = []
     for name in names:
-        model, dtype, passes = build(name, args.smoke, device)
+        model, dtype, passes = build(name, args.smoke, device, args.layers)
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
         for rep in range(args.repeat):
             prof = os.path.join(args.profile, f"{name}_{rep}.prof") if args.profile else None

@@ -7,7 +7,7 @@ in a layer no proxy holds. So, once per template, the whole model is run at the 
 on fake tensors under the op-stream recorder of ``length_check.py`` (no export, no data: at
 the probe lengths a 24-layer model records in a fraction of a second) and its stream is
 checked against the one predicted from proxies holding the first 1, 2 and 3 layers (after
-the peeled layer 0, when there is one): the stack is a "loop" over layers, every block the
+the peeled leading layers, when there are some): the stack is a "loop" over layers, every block the
 same ops and literals up to terms affine in the layer index. A layer that computes anything
 else (another op, another literal, another data flow) is a divergence, and the caller falls
 back to a full capture.
@@ -30,8 +30,8 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
     """What was verified (for the report), or :class:`TemplateMismatch` naming the divergence.
 
     The proxies hold the first ``peel + 2``, ``peel + 3`` and ``peel + 4`` layers. The fitted
-    stream must have exactly one loop, over *all* layers but layer 0 (a later layer whose ops
-    differ would sit outside the loop: refused), whose literals lie on one line in the layer
+    stream must have exactly one loop, over *all* layers but the first ``max(peel, 1)`` (a later
+    layer whose ops differ would sit outside the loop: refused), whose literals lie on one line in the layer
     index from layer ``peel + 1`` on (only the first iteration may differ in literals: it reads
     the embeddings rather than the previous layer)."""
     t0 = time.perf_counter()
@@ -46,9 +46,10 @@ def check_all_layers(model: torch.nn.Module, path: str, n: int, peel: int, args:
         raise TemplateMismatch(f"the layers' op streams do not repeat one block: {exc}") from exc
     loops = [p for p in predicted.pieces if isinstance(p, lc._Loop)]
     counts = [loops[0].iterations(d) for d in depths] if len(loops) == 1 else []
-    # Layer 0 may sit outside the loop (its ops differ: e.g. it reads the embeddings' dtype):
-    # it is in every proxy of the graph template, which compares it node for node. Any other
-    # layer outside the loop is refused.
+    # Layer 0 may sit outside the loop (its ops differ: e.g. it reads the embeddings' dtype), and
+    # so may every peeled layer: the graph template's probes all hold layers 0..peel-1 as
+    # themselves, in place, and compare them node for node. Any other layer outside the loop
+    # is refused.
     if not counts or any(c < d - max(peel, 1) for c, d in zip(counts, depths)):
         raise TemplateMismatch(
             f"the layers' op streams do not repeat one block over every layer ({len(loops)} loop(s), "

@@ -54,6 +54,7 @@ graphs equal the captured ones. The model then needs at least 5 layers.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 import types
@@ -67,9 +68,17 @@ from torch.fx.node import Node, map_arg
 from .graph_utils import PROVENANCE_KEY, make_graph_module
 from .length_generic import TemplateMismatch, repropagate
 
+log = logging.getLogger("fxopt.layer_generic")
+
 MIN_LAYERS = 4
 DEFAULT_KS: tuple[int, ...] = (1, 2, 3)
-PEEL = 1  # leading layers a peeled template copies verbatim (layer 0)
+PEEL = 1  # the fewest leading layers a peeled template copies verbatim (layer 0)
+# The most: HF Mamba in bf16 with the block passes (fused_regions) has two leading layers unlike
+# the rest. Layer 0 casts the bf16 embeddings to the fp32 residual; the region fusing layer 0's
+# residual add with layer 1's RMSNorm sits in layer 1 and reads the bf16 embeddings (a cast to
+# fp32 in the region), while every later layer's region reads an fp32 residual. Each extra
+# peeled layer makes every probe one layer deeper.
+MAX_PEEL = 2
 
 # A pass that cannot rewrite a probe (a proxy holding some of the layers) the way it would
 # rewrite the whole model sets ``gm.meta[NO_TEMPLATE_KEY] = why`` on the probe's graph; the
@@ -183,10 +192,19 @@ def check_layer_attributes(model: torch.nn.Module, path: str) -> None:
             raise TemplateMismatch(f"layers differ in attribute {where}: {values[:8]}{' ...' if len(values) > 8 else ''}")
 
 
-def _probe_layers(n: int, k: int) -> list[int]:
-    """Which layers the k-layer proxy holds: first, last, middle, and for the peeled
-    form's 4-layer proxy also layer 1 (the first layer its repeated block stands for)."""
-    sel = {1: [0], 2: [0, n - 1], 3: [0, n // 2, n - 1], 4: [0, 1, n // 2, n - 1]}.get(k)
+def _probe_layers(n: int, k: int, peel: int = 0) -> list[int]:
+    """Which layers the k-layer proxy holds. Plain form (``peel = 0``): first, last, middle, and
+    as the witness of :func:`build_layer_template` (``k = 4``) also layer 1. With ``peel`` leading
+    layers peeled: those layers themselves, in place (a peeled layer is copied verbatim into the
+    instantiated graph, so the proxy's position j < peel must be the model's layer j), then last,
+    middle, and for the deepest probe also layer ``peel`` (the first layer the repeated block
+    stands for). Peel 1 gives ``[0, n-1], [0, n//2, n-1], [0, 1, n//2, n-1]``; peel 2
+    ``[0, 1, n-1], [0, 1, n//2, n-1], [0, 1, 2, n//2, n-1]``: the 4-layer probe is shared."""
+    if peel == 0:
+        sel = {1: [0], 2: [0, n - 1], 3: [0, n // 2, n - 1], 4: [0, 1, n // 2, n - 1]}.get(k)
+    else:
+        tail = {1: [n - 1], 2: [n // 2, n - 1], 3: [peel, n // 2, n - 1]}.get(k - peel)
+        sel = None if tail is None or min(tail) < peel else list(range(peel)) + tail
     return sel if sel is not None and len(set(sel)) == k else list(range(k))
 
 
@@ -406,7 +424,12 @@ class LayerTemplate:
     ks: tuple[int, ...] = DEFAULT_KS         # the layer counts of the probes fitted
     probe_seconds: float = 0.0
     peel: int = 0                            # leading layers copied verbatim from `base` (0 or PEEL)
-    peel_reason: str = ""                    # why the plain form did not fit, when peeled
+    peel_reason: str = ""                    # why the plain form (and fewer peeled layers) did not fit
+
+    @property
+    def sels(self) -> list[tuple[int, ...]]:
+        """The model's layers each fitted probe held (see :func:`_probe_layers`)."""
+        return [tuple(_probe_layers(self.n, k, self.peel)) for k in self.ks]
 
     @property
     def path(self) -> str:
@@ -529,44 +552,71 @@ def build_layer_template(
     the layers are not interchangeable.
 
     The 2-layer proxy goes first: should its two layers differ, the plain template
-    cannot fit and the 1-layer proxy is not captured. When layer 0 alone differs (see
-    :func:`_peel_plausible`), the peeled form is fitted to the proxies with one layer
-    more each (``ks`` + 1: 2, 3, 4 layers, or 2, 3 for ``ks = (1, 2)``). The template's
-    ``ks`` are the layer counts it was fitted to."""
+    cannot fit and the 1-layer proxy is not captured. When the leading layer(s) alone
+    differ (see :func:`_peel_evidence`), the peeled form with ``p`` leading layers
+    (``p = 1 .. MAX_PEEL``, the fewest the graphs at hand allow) is fitted to the proxies with
+    ``p`` layers more each (``ks`` + p: 2, 3, 4 layers for p = 1, 3, 4, 5 for p = 2). The
+    template's ``ks`` are the layer counts it was fitted to, ``sels`` the layers each held."""
     ks = tuple(ks)
     if ks[:2] != (1, 2) or any(k >= n for k in ks):
         raise TemplateMismatch(f"layer probes {ks} need (1, 2, ...) layers, fewer than the model's {n}")
     check_layer_attributes(model, path)
     t0 = time.perf_counter()
-    graphs: dict[int, torch.fx.GraphModule] = {}
+    graphs: dict[tuple[int, ...], torch.fx.GraphModule] = {}  # by the layers the proxy holds
 
-    def graph(k: int) -> torch.fx.GraphModule:
-        if k not in graphs:
-            graphs[k] = optimize_at(truncated_proxy(model, path, _probe_layers(n, k)), args, kwargs)
-            _check_not_refused(graphs[k], k)  # before any more probes are captured
-        return graphs[k]
+    def graph(sel: Sequence[int]) -> torch.fx.GraphModule:
+        sel = tuple(sel)
+        if sel not in graphs:
+            graphs[sel] = optimize_at(truncated_proxy(model, path, list(sel)), args, kwargs)
+            _check_not_refused(graphs[sel], len(sel))  # before any more probes are captured
+        return graphs[sel]
 
-    reason = _layers_differ(graph(2), path)
+    template = None
+    reason = _layers_differ(graph(_probe_layers(n, 2)), path)
     if reason is None:
         try:
-            template = fit_layer_template(model, path, n, [graph(k) for k in ks], ks)
+            template = fit_layer_template(model, path, n, [graph(_probe_layers(n, k)) for k in ks], ks)
         except TemplateMismatch as exc:
-            if not _peel_plausible(graphs, path):
-                raise
             reason = str(exc)
-    elif not _peel_plausible({**graphs, 3: graph(3)}, path):
-        raise TemplateMismatch(reason)
-    if reason is not None:  # layer 0 alone differs: peel it
-        pks = tuple(k + PEEL for k in ks)
-        if pks[-1] >= n:
-            raise TemplateMismatch(f"{reason}; peeling the first layer needs more than {pks[-1]} layers")
-        try:
-            template = fit_layer_template(model, path, n, [graph(k) for k in pks], pks, peel=PEEL)
-        except TemplateMismatch as exc:
-            raise TemplateMismatch(f"{reason}; with the first layer peeled: {exc}") from exc
-        template.peel_reason = reason
+    if template is None:  # the leading layer(s) alone differ? peel them
+        template = _build_peeled(graph, model, args, kwargs, path, n, ks, graphs, reason)
     template.probe_seconds = time.perf_counter() - t0
     return template
+
+
+def _build_peeled(graph, model, args, kwargs, path: str, n: int, ks: tuple[int, ...],
+                  graphs: dict, reason: str) -> LayerTemplate:
+    """The peeled template with the fewest leading layers (1 .. MAX_PEEL) the probes allow, or
+    TemplateMismatch saying why none fits. ``reason``: why the plain form did not fit."""
+    # Probes that show whether the leading layers alone differ, cheapest first: the plain
+    # 3-layer one (also the 3-layer probe of peel 1), then [0, 1, n//2, n-1] (the 4-layer probe
+    # of peel 1 and peel 2 alike). Captured only while the graphs at hand are too few to tell.
+    witnesses = [tuple(_probe_layers(n, k)) for k in (3, 4) if k < n]
+    why: list[str] = [reason]
+    for p in range(PEEL, MAX_PEEL + 1):
+        what = "the first layer" if p == 1 else f"the first {p} layers"
+        not_leading = _peel_evidence(graphs, path, p)
+        while not_leading == _FEW_WITNESSES and any(w not in graphs for w in witnesses):
+            graph(next(w for w in witnesses if w not in graphs))
+            not_leading = _peel_evidence(graphs, path, p)
+        if not_leading is not None:
+            why.append(f"peeling {what} not tried: {not_leading}")
+            continue
+        pks = tuple(k + p for k in ks)
+        if pks[-1] >= n:
+            why.append(f"peeling {what} needs more than {pks[-1]} layers")
+            break
+        try:
+            template = fit_layer_template(model, path, n, [graph(_probe_layers(n, k, p)) for k in pks], pks, peel=p)
+        except TemplateMismatch as exc:
+            why.append(f"with {what} peeled: {exc}")
+            continue
+        # the report's note: each step's reason clipped (a differing node prints its whole
+        # fused-region expression); the log has them in full
+        template.peel_reason = "; ".join(w if len(w) <= 240 else w[:240] + " ..." for w in why)
+        log.info("layer template of %s: %s peeled: %s", path, what, "; ".join(why))
+        return template
+    raise TemplateMismatch("; ".join(why))
 
 
 def _layers_differ(gm: torch.fx.GraphModule, path: str) -> str | None:
@@ -586,22 +636,30 @@ def _layers_differ(gm: torch.fx.GraphModule, path: str) -> str | None:
     return None
 
 
-def _peel_plausible(graphs: dict[int, torch.fx.GraphModule], path: str) -> bool:
-    """Do the probe graphs at hand show layer 0 alone differing? Every layer but layer 0
-    of the 2- (and 3-) layer graphs is the 2-layer graph's layer 1's twin, and layer 0 of
-    the 1- or 2-layer graph is not. A look at graphs already captured, before the peeled
-    form's deeper probes."""
+_FEW_WITNESSES = "fewer than two layers after the leading ones in the probes at hand"
+
+
+def _peel_evidence(graphs: dict[tuple[int, ...], torch.fx.GraphModule], path: str, p: int) -> str | None:
+    """Do the probe graphs at hand show the first ``p`` positions alone differing? None when
+    they do: every block at a position >= p (of every graph at hand) is one block, seen at
+    least twice, and some block at a position < p is not that block. Else why not. A look at
+    graphs already captured, before the peeled form's deeper probes: a heuristic that saves
+    captures, never a proof (the fit is)."""
     layers = _Layers(path)
     try:
-        sp = {k: _split(graphs[k], layers, k) for k in (1, 2, 3) if k in graphs}
-        if 2 not in sp:
-            return False
-        rep = _block_form(sp[2], 1, layers)[:2]
-        if all(_block_form(sp[k], 0, layers)[:2] == rep for k in (1, 2) if k in sp):
-            return False  # layer 0 is like the others: the plain template failed for another reason
-        return all(_block_form(s, j, layers)[:2] == rep for k, s in sp.items() for j in range(1, k))
-    except TemplateMismatch:
-        return False
+        sp = {sel: _split(gm, layers, len(sel)) for sel, gm in graphs.items()}
+    except TemplateMismatch as exc:
+        return str(exc)
+    body = [(len(sel), j, _block_form(s, j, layers)[:2]) for sel, s in sp.items() for j in range(p, len(sel))]
+    if len(body) < 2:
+        return _FEW_WITNESSES
+    k0, j0, rep = body[0]
+    for k, j, form in body[1:]:
+        if form != rep:
+            return f"layer {j} of the {k}-layer graph differs from layer {j0} of the {k0}-layer graph"
+    if all(_block_form(s, j, layers)[:2] == rep for sel, s in sp.items() for j in range(min(p, len(sel)))):
+        return f"the first {p} layer(s) are like the others: the plain template failed for another reason"
+    return None
 
 
 def fit_layer_template(model: torch.nn.Module, path: str, n: int,
@@ -620,7 +678,7 @@ def fit_layer_template(model: torch.nn.Module, path: str, n: int,
     for gm, k in zip(graphs, ks):
         _check_not_refused(gm, k)
         splits.append(_split(gm, layers, k))
-        _check_shared(splits[-1], model, layers, _probe_layers(n, k))
+        _check_shared(splits[-1], model, layers, _probe_layers(n, k, peel))
 
     # every repeated block is the base graph's (block `peel` of the first graph)
     a0, f0, s0 = _block_form(splits[0], peel, layers)

@@ -327,14 +327,14 @@ class OptimizedModule(torch.nn.Module):
 
     def _verification_proxy(self, probe: Specialization, args: tuple, kwargs: dict) -> tuple:
         """(module, description) whose op stream stands for the model's: with a layer
-        template, the 1-layer proxy (layers 0 and 1 when layer 0 was peeled; every other
+        template, the 1-layer proxy (layers 0..p when p leading layers were peeled; every other
         layer's likeness to these is the layer template's check); else the whole model."""
         if self._layer_stack is None or not probe.layer_template:
             return self._model, f"the whole {type(self._model).__name__}"
         path, _ = self._layer_stack
         sig = call_signature(args, kwargs)  # layer templates are keyed (signature, mode, ks)
         entry = next((e for k, e in self._layer_templates.items() if k[0] == sig and k[1] == self._mode and e), None)
-        layers = [0, 1] if entry is not None and entry[0].peel else [0]
+        layers = list(range(entry[0].peel + 1)) if entry is not None else [0]
         return lyr.truncated_proxy(self._model, path, layers), f"the proxy with layers {layers} of {path}"
 
     def _check_stream(self, template, args: tuple, kwargs: dict, length: int) -> tuple[bool, str]:
@@ -362,10 +362,14 @@ class OptimizedModule(torch.nn.Module):
         path, n = self._layer_stack
         key = (call_signature(args, kwargs), self._mode, ks)
         if key not in self._layer_templates:
-            probes: dict[int, Specialization] = {}  # by the proxy's depth
+            # by the model's layers the proxy holds: a peeled template's probes and the plain
+            # form's can have the same depth (peel 2's [0, 1, n-1] and the plain [0, n//2, n-1])
+            probes: dict[tuple[int, ...], Specialization] = {}
+            index = {id(m): i for i, m in enumerate(self._model.get_submodule(path))}
 
             def optimize_at(module, a, k):
-                spec = probes[len(module.get_submodule(path))] = self._rewrite(module, a, k)
+                sel = tuple(index[id(m)] for m in module.get_submodule(path))
+                spec = probes[sel] = self._rewrite(module, a, k)
                 return spec.optimized
 
             try:
@@ -373,9 +377,9 @@ class OptimizedModule(torch.nn.Module):
                 # Every layer's op stream, once per template family: the later probe lengths of
                 # a length template build theirs with fewer proxies (ks) against this one.
                 template.stream_note = (layer_check.check_all_layers(  # type: ignore[attr-defined]
-                    self._model, path, n, lyr.PEEL if template.peel else 0, args, kwargs)
+                    self._model, path, n, template.peel, args, kwargs)
                     if tuple(ks) == lyr.DEFAULT_KS else "all layers' op streams verified at the first probe length")
-                used = [probes[k] for k in template.ks]
+                used = [probes[sel] for sel in template.sels]
                 entry = (template, lyr.scale_report([p.report for p in used], template.ks, n),
                          [p.original for p in used])
             except lg.TemplateMismatch as exc:
@@ -394,8 +398,11 @@ class OptimizedModule(torch.nn.Module):
             return None
         report = copy.copy(base_report)
         report.nodes_final = len(gm.graph.nodes)
-        peeled = (f"; first layer peeled (layer 0 as captured, layers 1-{n - 1} repeat one block; "
-                  f"layer 0 differs: {_clip(template.peel_reason)})" if template.peel else "")
+        p = template.peel
+        lead = "layer 0" if p == 1 else f"layers 0-{p - 1}"
+        peeled = (f"; {'first layer' if p == 1 else f'first {p} layers'} peeled ({lead} as captured, layers "
+                  f"{p}-{n - 1} repeat one block; {lead} {'differs' if p == 1 else 'differ'}: "
+                  f"{template.peel_reason})" if p else "")
         report.notes = [
             f"layer-generic: graph for the {n} layers of {path} instantiated from captures with "
             f"{list(template.ks)} of them{peeled}; {template.stream_note}; probes took {template.probe_seconds:.2f} s, instantiation "

@@ -329,8 +329,6 @@ def test_only_first_layer_differs_peels_it():
 @pytest.mark.parametrize("mode,why", [
     # layer n-1 differs too: the 3-layer graph shows layers 3 and 5 differ; no 4-layer probe
     ("first_last", "layer 1 of the 2-layer graph differs from its layer 0"),
-    # layer 1 differs too: only the 4-layer probe [0, 1, 3, 5] shows it
-    ("first_two", "with the first layer peeled: layer 1 of the 4-layer graph differs from layer 1 of the 2-layer graph"),
 ])
 def test_first_and_another_layer_differ_falls_back(mode, why):
     model = _stack(mode=mode)
@@ -338,6 +336,27 @@ def test_first_and_another_layer_differ_falls_back(mode, why):
     opt = fxopt.optimize(model, (ids,), passes=[])
     assert not _used_layers(opt)
     assert any(n.startswith("layer-generic template not used") and why in n for n in opt.report().notes), opt.report().notes
+    assert torch.equal(opt(ids), model(ids))
+
+
+def test_first_two_layers_differ_peels_both():
+    # layer 1 differs too: the 4-layer probe [0, 1, 3, 5] shows it, and layers 2.. repeat. Two
+    # leading layers peeled (lyr.MAX_PEEL), each probe holding layers 0 and 1 as themselves.
+    model = _stack(mode="first_two")
+    ids = torch.randint(0, 16, (2, 8))
+    seen = []
+
+    def optimize_at(module, args, kwargs):
+        seen.append([module.layers[j].idx for j in range(len(module.layers))])
+        return fxopt.capture(module, args, kwargs)
+
+    t = lyr.build_layer_template(optimize_at, model, (ids,), {}, "layers", 6)
+    assert seen == [[0, 5], [0, 3, 5], [0, 1, 3, 5], [0, 1, 5], [0, 1, 2, 3, 5]]
+    assert t.peel == 2 and t.ks == (3, 4, 5) and t.sels == [(0, 1, 5), (0, 1, 3, 5), (0, 1, 2, 3, 5)]
+    assert "with the first layer peeled: layer 1 of the 4-layer graph differs from layer 1 of the 2-layer graph" in t.peel_reason
+    assert torch.equal(t.instantiate(6, (ids,), {})(ids), model(ids))
+    opt = fxopt.optimize(model, (ids,), passes=[])
+    assert _used_layers(opt) and "first 2 layers peeled (layers 0-1 as captured" in opt.report().notes[0]
     assert torch.equal(opt(ids), model(ids))
 
 
