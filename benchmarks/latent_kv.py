@@ -81,10 +81,11 @@ def timed_ms(fn, device) -> float:
 
 
 def copy_bandwidth(device, nbytes=2**30) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / (timed_ms(lambda: y.copy_(x), device) * 1e-3)
+    """Bytes per second of a device-to-device copy (read + write counted): the shared eager probe
+    (:func:`fxopt.tools.bandwidth.copy_bandwidth`; a graph-replayed copy read ~2/3 of it)."""
+    from fxopt.tools.bandwidth import copy_bandwidth as probe
+
+    return probe(device, nbytes)
 
 
 # ----------------------------------------------------------------------------- speed

@@ -160,7 +160,7 @@ def _check(kernel, q, qr, c, kr, lengths, starts, scale, key_mask=None, **cfg):
     padded=st.booleans(),
     holes=st.sampled_from([None, 0.3, 0.9]),
     n_splits=st.sampled_from([None, 1, 2, 3, 7]),
-    chunked=st.booleans(),
+    chunked=st.sampled_from([False, "unrolled", "loop"]),
     small_tiles=st.booleans(),
     strided=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -181,8 +181,8 @@ def test_kernel_matches_reference(kernel, b, H, r, R, T, dtype, magnitude, ragge
     cfg = {}
     if n_splits is not None:
         cfg["n_splits"] = n_splits
-    if chunked:  # the large-r path: output blocks of 16, scores in chunks of 16; rotary in chunks
-        cfg.update(BLOCK_RO=16, BLOCK_RC=16, BLOCK_K=16)
+    if chunked:  # the large-r path: output blocks of 16, scores in chunks of 16 (unrolled or a loop); rotary in chunks
+        cfg.update(BLOCK_RO=16, BLOCK_RC=16, BLOCK_K=16, RC_LOOP=chunked == "loop")
     if small_tiles:  # many context tiles per program: the online softmax's rescaling matters
         cfg["BLOCK_T"] = 16
     _check(kernel, q, qr, c, kr, lengths.to(torch.int32), None if starts is None else starts.to(torch.int32), scale,
@@ -255,17 +255,81 @@ def test_kernel_detects_a_wrong_answer(kernel):
         KERNEL.check(ref, out, fp64_ref=ref64)
 
 
+def test_kernel_chunk_loop(kernel):
+    """The pipelined scoring loop of large r (RC_LOOP): against the fp64 reference with size-1 and
+    non-power-of-two dims, rows of different lengths (one empty, one beyond T), left padding, a key
+    mask, split-K and an output block wider than the score chunk; and it agrees with the unrolled
+    chunks it replaces."""
+    for (b, H, r, R, T), cfg in (((1, 1, 1, 1, 1), dict(BLOCK_RO=16, BLOCK_RC=16)),
+                                 ((4, 5, 70, 6, 53), dict(BLOCK_RO=32, BLOCK_RC=16, BLOCK_T=16)),
+                                 ((3, 17, 37, 20, 41), dict(BLOCK_RO=16, BLOCK_RC=32, BLOCK_K=64, n_splits=3))):
+        q, qr, c, kr = _case(b, H, r, R, T, torch.float16, b + r)
+        lengths = torch.tensor([T, 0, T + 5, max(T - 7, 1)][:b])
+        starts = torch.tensor([0, 0, 2, 1][:b])
+        km = torch.rand(b, T, generator=torch.Generator().manual_seed(r)) > 0.25
+        for st_, m in ((None, None), (starts, km)):
+            _check(kernel, q, qr, c, kr, lengths, st_, 0.3, m, RC_LOOP=True, **cfg)
+            loop = kernel.latent_decode_attention_triton(q, qr, c, kr, lengths, st_, 0.3, m, RC_LOOP=True, **cfg)
+            unrolled = kernel.latent_decode_attention_triton(q, qr, c, kr, lengths, st_, 0.3, m, RC_LOOP=False, **cfg)
+            torch.testing.assert_close(loop, unrolled, rtol=0, atol=0)  # the same sums in the same order
+
+
+def test_tuned_table_applies_by_regime():
+    """A TUNED entry is used for its regime key only; explicit overrides beat it; unknown keys and
+    block sizes that are not powers of two get a clear error."""
+    from fxopt.codegen.latent_decode import decode_config, tuned_key
+
+    split_key = tuned_key(1, 32, 512, torch.float16, 132)
+    batch_key = tuned_key(64, 32, 512, torch.float16, 132)
+    assert split_key == (2, 512, "split") and batch_key == (2, 512, "batch")
+    table = {split_key: dict(BLOCK_K=64, num_stages=3, split_waves=4, partial_frac=0.5)}
+    one = decode_config(1, 32, 512, 20, 16384, torch.float16, 132, tuned=table)
+    assert one["BLOCK_K"] == 64 and one["num_stages"] == 3
+    plain = decode_config(1, 32, 512, 20, 16384, torch.float16, 132, tuned={})
+    assert one["n_splits"] > plain["n_splits"]  # four waves and a larger partial budget
+    # look-alike: the same r in the batch regime, and another r in the split regime, keep the heuristic
+    assert decode_config(64, 32, 512, 20, 4096, torch.float16, 132, tuned=table) == \
+        decode_config(64, 32, 512, 20, 4096, torch.float16, 132, tuned={})
+    assert decode_config(1, 32, 1024, 20, 16384, torch.float16, 132, tuned=table) == \
+        decode_config(1, 32, 1024, 20, 16384, torch.float16, 132, tuned={})
+    assert decode_config(1, 32, 512, 20, 16384, torch.float16, 132, tuned=table, BLOCK_K=128)["BLOCK_K"] == 128
+    with pytest.raises(FxoptError, match="unknown launch parameter"):
+        decode_config(1, 32, 512, 20, 16384, torch.float16, 132, BLOCK_X=1)
+    with pytest.raises(FxoptError, match="power of two"):
+        decode_config(1, 32, 512, 20, 16384, torch.float16, 132, BLOCK_T=24)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 200), H=st.integers(1, 64), r=st.integers(1, 4096), R=st.integers(0, 32),
+       T=st.integers(1, 40000), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       waves=st.sampled_from([None, 1, 4, 8]), frac=st.sampled_from([None, 0.125, 1.0]))
+def test_decode_config_invariants(b, H, r, R, T, dtype, waves, frac):
+    """Any call's configuration: power-of-two blocks, at least one split and no split shorter than
+    two tiles (unless one), within the shared-memory estimate when stages were chosen, and the
+    chunk loop only where the scores are chunked."""
+    from fxopt.codegen.latent_decode import decode_config
+
+    kw = {k: v for k, v in (("split_waves", waves), ("partial_frac", frac)) if v is not None}
+    cfg = decode_config(b, H, r, R, T, dtype, 132, tuned={}, **kw)
+    for k in ("BLOCK_H", "BLOCK_T", "BLOCK_RO", "BLOCK_RC", "BLOCK_K"):
+        assert cfg[k] >= 16 and cfg[k] & (cfg[k] - 1) == 0
+    assert cfg["n_splits"] >= 1 and (cfg["n_splits"] == 1 or T // cfg["n_splits"] >= 2 * cfg["BLOCK_T"])
+    assert 1 <= cfg["num_stages"] <= 2
+    single = cfg["BLOCK_RO"] >= r and cfg["BLOCK_RC"] == cfg["BLOCK_RO"]
+    assert not (cfg["RC_LOOP"] and single)
+
+
 def test_split_heuristic():
     """Few rows: split the context (enough programs for the GPU) but keep the fp32 partials small
     against the cache read; many rows: no split."""
     from fxopt.codegen.latent_decode import decode_config
 
-    one = decode_config(1, 32, 512, 20, 16384, torch.float16, 132)
+    one = decode_config(1, 32, 512, 20, 16384, torch.float16, 132, tuned={})
     assert one["n_splits"] > 16
     partial = one["n_splits"] * 32 * 512 * 4
     assert partial <= 16384 * (512 + 640) * 2 / 8
-    assert decode_config(64, 32, 512, 20, 4096, torch.float16, 132)["n_splits"] <= 3
-    assert decode_config(1, 32, 512, 20, 16, torch.float16, 132)["n_splits"] == 1
+    assert decode_config(64, 32, 512, 20, 4096, torch.float16, 132, tuned={})["n_splits"] <= 3
+    assert decode_config(1, 32, 512, 20, 16, torch.float16, 132, tuned={})["n_splits"] == 1
 
 
 _COMPILE = textwrap.dedent("""
@@ -284,6 +348,8 @@ _COMPILE = textwrap.dedent("""
 
 # the benchmark's shapes (Pythia-2.8B: 32 heads, 20 rotary dims): r = 512, 1024, lossless 2560
 _SM90 = [dict(r=512), dict(r=1024, b=1, T=16384, has_mask=True), dict(r=2560, dtype="bf16"),
+         dict(r=2560, b=1, T=16384, BLOCK_K=64), dict(r=512, b=1, T=16384, BLOCK_K=64, num_stages=3),
+         dict(r=1024, BLOCK_RO=512, BLOCK_RC=256, RC_LOOP=True, BLOCK_K=64, num_stages=3),
          dict(r=256, H=4, R=16, b=4, T=600, dtype="fp32")]  # ... and the trained GPTNeoX in fp32
 
 

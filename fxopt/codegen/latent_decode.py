@@ -109,7 +109,7 @@ def _latent_decode_kernel(
     DIRECT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RC: tl.constexpr, NUM_RC: tl.constexpr,
     BLOCK_RO: tl.constexpr, BLOCK_K: tl.constexpr, NUM_KC: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, KR_FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, KR_FLAT: tl.constexpr, RC_LOOP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -158,6 +158,21 @@ def _latent_decode_kernel(
             c_tile = tl.load(c_row + offs_t[:, None] * s_ct + ro[None, :] * s_cr,
                              mask=mask_t[:, None] & mask_ro[None, :], other=0.0)
             s += _dot(q_all, tl.trans(c_tile), PRECISION, UPCAST)
+        elif RC_LOOP:
+            # the output block's tile is issued first: its latency hides behind the scoring loop,
+            # which is a loop of its own so the software pipeline keeps num_stages chunks in flight
+            # (unrolled, a stage would hold every chunk of the tile: too big for r > 1024, so one
+            # stage and every chunk's load latency exposed in turn)
+            c_tile = tl.load(c_row + offs_t[:, None] * s_ct + ro[None, :] * s_cr,
+                             mask=mask_t[:, None] & mask_ro[None, :], other=0.0)
+            for kc in range(0, NUM_RC):
+                rc = kc * BLOCK_RC + tl.arange(0, BLOCK_RC)
+                mask_rc = rc < r
+                q_c = tl.load(q_row + offs_h[:, None] * s_qh + rc[None, :] * s_qr,
+                              mask=mask_h[:, None] & mask_rc[None, :], other=0.0).to(cdt)
+                c_c = tl.load(c_row + offs_t[:, None] * s_ct + rc[None, :] * s_cr,
+                              mask=mask_t[:, None] & mask_rc[None, :], other=0.0)
+                s += _dot(q_c, tl.trans(c_c), PRECISION, UPCAST)
         else:
             for kc in tl.static_range(NUM_RC):
                 rc = kc * BLOCK_RC + tl.arange(0, BLOCK_RC)
@@ -254,15 +269,42 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def decode_config(b: int, H: int, r: int, R: int, T: int, dtype: torch.dtype, sm_count: int = 132, **override) -> dict:
-    """Launch parameters for a call (every key may be overridden, e.g. by a benchmark sweep or a test
-    forcing ``n_splits``)."""
+# Launch parameters picked on the GPU by ``benchmarks/latent_sweep.py`` (it prints entries in this
+# form), keyed by :func:`tuned_key`: (bytes per element, r padded to a power of two, regime), regime
+# "split" when the rows' head blocks alone fill at most a quarter of the SMs (4 b ceil(H / 16) <= SMs:
+# the context is split many ways; b1 and b16 at 32 heads on 132 SMs) and "batch" otherwise (b64:
+# two or three splits at most). An entry may set any of CONFIG_KEYS; what it leaves out comes from the
+# heuristic below, and a caller's explicit overrides beat both.
+TUNED: dict = {}
+
+CONFIG_KEYS = ("BLOCK_H", "BLOCK_T", "BLOCK_RO", "BLOCK_RC", "BLOCK_K", "RC_LOOP", "num_warps", "num_stages",
+               "n_splits", "split_waves", "partial_frac")
+
+
+def tuned_key(b: int, H: int, r: int, dtype: torch.dtype, sm_count: int = 132) -> tuple:
+    es = torch.empty((), dtype=dtype).element_size()
+    return (es, _pow2(r), "split" if 4 * b * triton.cdiv(H, 16) <= sm_count else "batch")
+
+
+def decode_config(b: int, H: int, r: int, R: int, T: int, dtype: torch.dtype, sm_count: int = 132,
+                  tuned: Optional[dict] = None, **override) -> dict:
+    """Launch parameters for a call: the heuristic, then the :data:`TUNED` entry of the call's regime
+    (``tuned``: another table, e.g. a sweep's), then ``override`` (any of :data:`CONFIG_KEYS`, e.g. a
+    benchmark sweep or a test forcing ``n_splits``)."""
+    bad = sorted(set(override) - set(CONFIG_KEYS))
+    if bad:
+        raise FxoptError(f"latent_decode_attention: unknown launch parameter(s) {bad}; known: {list(CONFIG_KEYS)}")
+    table = TUNED if tuned is None else tuned
+    picked = dict(table.get(tuned_key(b, H, r, dtype, sm_count), {}))
+    picked.update(override)
+    override = picked
     r_pad = _pow2(r)
     es = torch.empty((), dtype=dtype).element_size()
     # Register and shared-memory budgets, as compiled for sm_90 (tests/test_latent_kernel.py checks
     # they lower without spills and within 227 KiB): r <= 512 (fp16/bf16) one latent block of 32
-    # tokens; r <= 1024 one block of 16 tokens; larger r output blocks of 512 scored in chunks of 128.
-    # fp32 tiles are half as wide.
+    # tokens; r <= 1024 one block of 16 tokens; larger r output blocks of 512 scored in chunks of 128
+    # by a loop of their own (RC_LOOP: pipelined; unrolled, one stage fits and every chunk's load
+    # latency is exposed -- 15 ms at r 2560 b64 ctx 4096 on the H200). fp32 tiles are half as wide.
     single_max = 512 if es <= 2 else 256
     if r_pad <= single_max:
         cfg = dict(BLOCK_RO=r_pad, BLOCK_RC=r_pad, BLOCK_T=32 if r_pad * es >= 1024 else 64)
@@ -271,31 +313,44 @@ def decode_config(b: int, H: int, r: int, R: int, T: int, dtype: torch.dtype, sm
     else:
         cfg = dict(BLOCK_RO=single_max, BLOCK_RC=128 if es <= 2 else 64, BLOCK_T=16)
     cfg.update(BLOCK_H=16 if (H <= 16 or r_pad * es > 512) else 32, num_warps=8 if r_pad >= 256 else 4, num_stages=2)
+    cfg["RC_LOOP"] = r_pad > 2 * single_max
+    cfg.update(split_waves=2, partial_frac=0.125)
     cfg.update({k: v for k, v in override.items() if k not in ("n_splits", "BLOCK_K")})
+    for k in ("BLOCK_H", "BLOCK_T", "BLOCK_RO", "BLOCK_RC"):
+        v = cfg[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise FxoptError(f"latent_decode_attention: {k} must be a power of two >= 16, got {v!r}")
     # the rotary slab of a head block in one dot when it is small (the block-diagonal query then
     # stays in registers across the loop), else in chunks
     k_max = 512 if es <= 2 else 256
     cfg["BLOCK_K"] = override.get("BLOCK_K", _pow2(cfg["BLOCK_H"] * R) if cfg["BLOCK_H"] * R <= k_max else k_max // 4)
+    if not isinstance(cfg["BLOCK_K"], int) or cfg["BLOCK_K"] < 16 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1):
+        raise FxoptError(f"latent_decode_attention: BLOCK_K must be a power of two >= 16, got {cfg['BLOCK_K']!r}")
+    single = cfg["BLOCK_RO"] >= r and cfg["BLOCK_RC"] == cfg["BLOCK_RO"]
+    cfg["RC_LOOP"] = bool(cfg["RC_LOOP"]) and not single
     if "num_stages" not in override:
         # the software pipeline keeps num_stages copies of every tile a loop iteration loads in shared
         # memory: stay within ~200 KiB (H100/H200 allow 227 KiB per block)
         rot = triton.cdiv(cfg["BLOCK_H"] * R, cfg["BLOCK_K"]) * cfg["BLOCK_K"] if R else 0
-        single = cfg["BLOCK_RO"] >= r and cfg["BLOCK_RC"] == cfg["BLOCK_RO"]
-        scores = cfg["BLOCK_RO"] if single else triton.cdiv(r, cfg["BLOCK_RC"]) * cfg["BLOCK_RC"]
+        scores = cfg["BLOCK_RO"] if single else (
+            cfg["BLOCK_RC"] if cfg["RC_LOOP"] else triton.cdiv(r, cfg["BLOCK_RC"]) * cfg["BLOCK_RC"])
         per_stage = cfg["BLOCK_T"] * (scores + (0 if single else cfg["BLOCK_RO"]) + rot) * es
         cfg["num_stages"] = max(1, min(cfg["num_stages"], (200 * 1024) // max(per_stage, 1)))
     n_hb = triton.cdiv(H, cfg["BLOCK_H"])
     n_rb = triton.cdiv(r, cfg["BLOCK_RO"])
-    if "n_splits" in override:
+    if override.get("n_splits") is not None:
         splits = int(override["n_splits"])
     else:
+        # split_waves programs per SM in all; no split shorter than two tiles
         base = max(1, b * n_hb * n_rb)
-        splits = triton.cdiv(2 * sm_count, base)
+        splits = triton.cdiv(int(round(cfg["split_waves"] * sm_count)), base)
         splits = min(splits, max(1, T // (2 * cfg["BLOCK_T"])))
-        # the partials (fp32, written and read back) stay under ~1/8 of the cache bytes the step reads
-        cache_bytes = T * (r + H * R) * torch.empty((), dtype=dtype).element_size()
-        splits = min(splits, max(1, cache_bytes // (8 * 4 * H * r)))
-    cfg["n_splits"] = max(1, splits)
+        # the partials (fp32, written and read back) stay under partial_frac of the cache bytes the step reads
+        cache_bytes = T * (r + H * R) * es
+        splits = min(splits, max(1, int(cache_bytes * cfg["partial_frac"]) // (4 * H * r)))
+    if splits < 1:
+        raise FxoptError(f"latent_decode_attention: n_splits must be >= 1, got {splits}")
+    cfg["n_splits"] = splits
     return cfg
 
 
@@ -345,7 +400,7 @@ def latent_decode_attention_triton(q_latent: Tensor, q_rot: Tensor, c: Tensor, k
         BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"], BLOCK_RC=cfg["BLOCK_RC"],
         NUM_RC=1 if single else triton.cdiv(r, cfg["BLOCK_RC"]), BLOCK_RO=cfg["BLOCK_RO"],
         BLOCK_K=cfg["BLOCK_K"], NUM_KC=max(num_kc, 1), PRECISION=precision, UPCAST=upcast,
-        KR_FLAT=k_rot.stride(2) == R * k_rot.stride(3),
+        KR_FLAT=k_rot.stride(2) == R * k_rot.stride(3), RC_LOOP=cfg["RC_LOOP"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         block_r = min(_pow2(r), 128)
@@ -366,7 +421,8 @@ def kernel_source() -> str:
     return inspect.getsource(inspect.getmodule(_latent_decode_kernel))
 
 
-__all__ = ["latent_decode_attention_triton", "latent_decode_attention_ref", "decode_config", "cache_bytes_read",
+__all__ = ["latent_decode_attention_triton", "latent_decode_attention_ref", "decode_config", "tuned_key", "TUNED",
+           "CONFIG_KEYS", "cache_bytes_read",
            "kernel_source"]
 
 
@@ -385,7 +441,8 @@ def compile_for_target(arch: int = 90, *, dtype: str = "fp16", H: int = 32, r: i
                   BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"], BLOCK_RC=cfg["BLOCK_RC"],
                   NUM_RC=1 if single else triton.cdiv(r, cfg["BLOCK_RC"]), BLOCK_RO=cfg["BLOCK_RO"],
                   BLOCK_K=cfg["BLOCK_K"], NUM_KC=max(1, triton.cdiv(cfg["BLOCK_H"] * R, cfg["BLOCK_K"]) if R else 1),
-                  PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KR_FLAT=True)
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, KR_FLAT=True,
+                  RC_LOOP=cfg["RC_LOOP"])
     ptr_dtype = {"q_ptr": dtype, "qr_ptr": dtype, "c_ptr": dtype, "kr_ptr": dtype, "len_ptr": "i32",
                  "start_ptr": "i32", "km_ptr": "u8", "out_ptr": dtype, "part_ptr": "fp32", "lse_ptr": "fp32"}
     # the int arguments of a launch on contiguous (b, H, r) / (b, T, r) / (b, T, H, R) tensors: the JIT
