@@ -5,6 +5,8 @@ function on the static buffers); the CUDA tests need a GPU."""
 from __future__ import annotations
 
 import threading
+import time
+import traceback
 
 import pytest
 import torch
@@ -129,25 +131,32 @@ def test_keys_and_eviction():
 
 
 def _threads(step, shapes, fn, device="cpu", rounds=6):
+    """4 threads call ``step`` (one GraphReplay, or a list of them: thread t uses step[t % n]);
+    inputs and references are made before and checked after, so the only CUDA work on the
+    threads is fxopt's own (other CUDA work during a capture follows CUDA's rules, see the module)."""
     errors = []
+    steps = step if isinstance(step, list) else [step]
+    inputs = {}
+    for tid in range(4):
+        g = torch.Generator(device=device).manual_seed(tid)
+        inputs[tid] = [torch.randn(shapes[(tid + r) % len(shapes)], generator=g, device=device) for r in range(rounds)]
+    outs: dict = {}
 
     def work(tid):
-        g = torch.Generator(device=device).manual_seed(tid)
         try:
-            for r in range(rounds):
-                shape = shapes[(tid + r) % len(shapes)]
-                x = torch.randn(shape, generator=g, device=device)
-                out = step(x)
-                if not torch.equal(out, fn(x)):
-                    errors.append((tid, r, shape))
-        except Exception as exc:  # noqa: BLE001
-            errors.append((tid, repr(exc)))
+            outs[tid] = [steps[tid % len(steps)](x) for x in inputs[tid]]
+        except Exception:  # noqa: BLE001
+            errors.append((tid, traceback.format_exc()[-1500:]))
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    for tid, got in outs.items():
+        for r, (x, out) in enumerate(zip(inputs[tid], got)):
+            if not torch.equal(out, fn(x)):
+                errors.append((tid, r, tuple(x.shape)))
     return errors
 
 
@@ -228,6 +237,10 @@ def test_cuda_threads():
     # invalidates runs eagerly and is retried: correct either way)
     assert _threads(step, shapes, fn, device="cuda") == [], step.notes
     print(step.stats, step.notes)
+    # two GraphReplays on four threads: one's capture is exclusive against the other's calls
+    pair = [GraphReplay(fn), GraphReplay(fn)]
+    assert _threads(pair, shapes, fn, device="cuda") == [], pair[0].notes + pair[1].notes
+    assert all(p.stats["captures"] == 3 for p in pair), [(p.stats, p.notes) for p in pair]
     # and nothing was left broken (RNG, memory pools): afterwards every shape captures and replays
     fresh = GraphReplay(fn)
     for shape in shapes:
@@ -278,3 +291,68 @@ def test_keyword_arguments_and_static_keywords():
         assert torch.equal(step(x, scale=2.0, cache=cache), fn(x, scale=2.0, cache=ref))
         assert torch.equal(cache, ref)
     assert step.stats["replays"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- the capture gate
+def _hold(gate, exclusive, log, name, hold_s, ready=None, inner_exclusive=False):
+    with (gate.exclusive() if exclusive else gate.shared()):
+        log.append((name, "in"))
+        if ready is not None:
+            ready.wait(2)
+        if inner_exclusive:
+            with gate.exclusive():
+                log.append((name, "x-in"))
+                time.sleep(hold_s)
+                log.append((name, "x-out"))
+        else:
+            time.sleep(hold_s)
+        log.append((name, "out"))
+
+
+def test_capture_gate_excludes_other_threads_and_nests():
+    from fxopt.runtime.cuda_graphs import _CaptureGate
+
+    gate, log = _CaptureGate(), []
+    with gate.exclusive():
+        with gate.exclusive(), gate.shared():  # nests in one thread
+            pass
+        t = threading.Thread(target=_hold, args=(gate, False, log, "reader", 0.0))
+        t.start()
+        time.sleep(0.1)
+        assert log == []  # another thread's shared hold waits for the capture
+    t.join(2)
+    assert log == [("reader", "in"), ("reader", "out")]
+    # a capture waits for every other thread's shared hold
+    log.clear()
+    t = threading.Thread(target=_hold, args=(gate, False, log, "reader", 0.2))
+    t.start()
+    time.sleep(0.05)
+    with gate.exclusive():
+        log.append(("writer", "in"))
+    t.join(2)
+    assert log == [("reader", "in"), ("reader", "out"), ("writer", "in")]
+
+
+def test_capture_gate_two_upgrades_do_not_deadlock():
+    """Two threads each inside a shared hold both start a capture: each gives its shared hold back
+    while it waits, so both captures run (one after the other) and neither overlaps a shared hold."""
+    from fxopt.runtime.cuda_graphs import _CaptureGate
+
+    gate, log = _CaptureGate(), []
+    ready = threading.Barrier(2)
+
+    class _B:  # both threads inside their shared hold before either asks for the capture
+        def wait(self, timeout):
+            ready.wait(timeout)
+
+    ts = [threading.Thread(target=_hold, args=(gate, False, log, n, 0.05, _B(), True)) for n in ("a", "b")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(5)
+    assert not any(t.is_alive() for t in ts), "deadlock"
+    xs = [e for e in log if e[1].startswith("x-")]
+    assert len(xs) == 4 and xs[0][0] == xs[1][0] and xs[2][0] == xs[3][0]  # captures never overlap
+    # and the gate is free afterwards
+    with gate.exclusive():
+        pass

@@ -35,7 +35,13 @@ Contract:
   model's parameters were replaced, its mode changed) drops every captured graph and runs the call
   eagerly, with the reason noted. Keys are captured again (after a warm-up) once ``check`` passes.
 * **Threads.** Calls are serialised by a lock; replays on different streams are ordered by an
-  event recorded after each one (the shared pool makes concurrent replays unsafe).
+  event recorded after each one (the shared pool makes concurrent replays unsafe). A capture is
+  exclusive against every GraphReplay call in the process (:class:`_CaptureGate`), so fxopt's own
+  work on other threads cannot invalidate it. CUDA work of the caller's that does not go through
+  fxopt and runs on another thread during a capture (which happens on the first calls of a new
+  shape only) is subject to CUDA's rules: a device-wide sync or an implicit sync with the
+  capturing stream fails there and makes the capture fail (it is then retried, and falls back to
+  eager). Callers that run unrelated CUDA work concurrently can pass ``cuda_graphs=False``.
 
 ``backend="emulate"`` (tests on machines without a GPU) keeps all the bookkeeping (keys, static
 buffers, copy in / copy out, aliasing, fallbacks, the check hook) and stands in for the graph:
@@ -61,9 +67,85 @@ _NONTENSOR_OUT = (int, float, bool, str, type(None))
 # synchronous copy on the legacy stream): such a failure says nothing about the function, so a
 # key is warmed up and captured again, up to this many attempts, before it runs eagerly for good.
 MAX_CAPTURE_ATTEMPTS = 3
-# One capture at a time in the process: two GraphReplays capturing at once from two threads
-# would interleave their allocations into each other's pools.
-_CAPTURE_LOCK = threading.Lock()
+
+
+class _CaptureGate:
+    """Captures exclusive against every GraphReplay call of the process.
+
+    One capture at a time (two captures from two threads would interleave their allocations into
+    each other's pools), and no GraphReplay's CUDA work on another thread while one runs: CUDA
+    invalidates a capture when another thread synchronises with its stream or the device, which a
+    warm-up or eager call of another GraphReplay may do (and that thread gets the error too).
+
+    ``shared()`` is held around a call's work, ``exclusive()`` around a capture. A thread that
+    holds ``shared()`` and asks for ``exclusive()`` gives its shared holds back while it waits (it
+    does no CUDA work then) and takes them again afterwards, so two threads that both start a
+    capture from inside their calls cannot deadlock. Both nest within one thread. CUDA work that
+    does not go through fxopt cannot be held back: see the module docstring (threads)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._writer: Optional[int] = None
+        self._depth = 0
+
+    def shared(self):
+        return _GateHold(self, exclusive=False)
+
+    def exclusive(self):
+        return _GateHold(self, exclusive=True)
+
+    def _acquire(self, exclusive: bool) -> int:
+        me = threading.get_ident()
+        with self._cond:
+            if not exclusive:
+                self._cond.wait_for(lambda: self._writer in (None, me))
+                self._readers[me] = self._readers.get(me, 0) + 1
+                return 0
+            if self._writer == me:  # nested capture in one thread: CUDA refuses it; the caller reports it
+                self._depth += 1
+                return 0
+            saved = self._readers.pop(me, 0)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._writer is None and not self._readers)
+            self._writer, self._depth = me, 1
+            return saved
+
+    def _release(self, exclusive: bool, saved: int) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if not exclusive:
+                left = self._readers[me] - 1
+                if left:
+                    self._readers[me] = left
+                else:
+                    del self._readers[me]
+            else:
+                self._depth -= 1
+                if self._depth:
+                    return
+                self._writer = None
+                if saved:
+                    self._readers[me] = saved
+            self._cond.notify_all()
+
+
+class _GateHold:
+    __slots__ = ("gate", "exclusive", "saved")
+
+    def __init__(self, gate: _CaptureGate, exclusive: bool):
+        self.gate, self.exclusive, self.saved = gate, exclusive, 0
+
+    def __enter__(self):
+        self.saved = self.gate._acquire(self.exclusive)
+        return self
+
+    def __exit__(self, *exc):
+        self.gate._release(self.exclusive, self.saved)
+        return False
+
+
+_GATE = _CaptureGate()
 
 
 @dataclass
@@ -154,7 +236,9 @@ class GraphReplay:
 
     # ------------------------------------------------------------------ public
     def __call__(self, *args, **kwargs):
-        with self._lock:
+        # the instance lock first, then the gate: a thread waiting for this instance holds no
+        # shared gate, so a capture here never waits on it (see _CaptureGate)
+        with self._lock, _GATE.shared():
             leaves, static, spec = _flatten(args, kwargs, self.static_args)
             reason = self._not_replayable(leaves)
             if reason is not None:
@@ -236,7 +320,7 @@ class GraphReplay:
         static_in = [a.clone() if isinstance(a, torch.Tensor) and not st else a for a, st in zip(leaves, static)]
         try:
             if self.backend == "cuda":
-                with _CAPTURE_LOCK:
+                with _GATE.exclusive():
                     graph, out = self._cuda_capture(static_in, spec)
             else:
                 # a CUDA capture records without executing: run on copies of everything, static
