@@ -184,6 +184,14 @@ def use_emission(emit: str) -> None:
     rl._LAUNCHERS.clear()
 
 
+def _emits_of(region, emits):
+    """The emissions worth timing for ``region``: without slices / cats both emit the same
+    source (region_triton.uses_parts), so the first one only."""
+    from fxopt.codegen.region import OPS
+
+    return emits if any(OPS[s.op].kind == "view" for s in region.stmts) else emits[:1]
+
+
 def kernel_section(shapes, dtype, bandwidth, emits=("parts",)) -> list[dict]:
     from fxopt.ops.fused_region import fused_region
 
@@ -203,9 +211,10 @@ def kernel_section(shapes, dtype, bandwidth, emits=("parts",)) -> list[dict]:
             base["eager_plain_us"] = time_plain(eager, iters) * 1e6
             base["eager_gpu_us"] = time_gpu(eager, iters) * 1e6
             base["eager_graph_us"] = time_graph(eager, 20 if small else 5) * 1e6
-            for emit in emits:
+            own = _emits_of(region, emits)
+            for emit in own:
                 use_emission(emit)
-                row = dict(base, emit=emit)
+                row = dict(base, emit=emit if len(own) == len(emits) else "same")  # "same": one source for all
                 row["fused_plain_us"] = time_plain(fused, iters) * 1e6
                 row["fused_gpu_us"] = time_gpu(fused, iters) * 1e6
                 row["fused_graph_us"] = time_graph(fused, 20 if small else 5) * 1e6
@@ -256,11 +265,11 @@ def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu"), emits=("
         _, spec, _ = rg.plan(region, xs)
         base = original(spec)
         variants = [("heuristic", base)]
-        for bm in (4, 8, 16, 32, 64):
+        for bm in (4, 8, 16, 32, 64, 128):
             for nw in (2, 4, 8):
                 if bm * base.block_n <= 16384 and (bm, nw) != (base.block_m, base.num_warps):
                     variants.append((f"bm{bm} w{nw}", dataclasses.replace(base, block_m=bm, num_warps=nw)))
-        for (label, cfg), emit in [(v, e) for e in emits for v in variants]:
+        for (label, cfg), emit in [(v, e) for e in _emits_of(region, emits) for v in variants]:
             rt.kernel_config = lambda spec, interpret=False, _c=cfg: _c  # noqa: E731
             try:
                 launcher = rl.make_launcher(xs, region.text, "triton", emit)
