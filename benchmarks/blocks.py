@@ -2,6 +2,7 @@
 
     python benchmarks/blocks.py [--json out.json] [--shapes decode,prefill,batch] [--dtype fp16]
     python benchmarks/blocks.py --smoke        # CPU: interpreter run of every kernel at tiny sizes
+    python benchmarks/blocks.py --emit rows,parts [--sweep]   # both region emissions, one run
 
 Kernel section. Per fused kernel, at the GPTNeoX-2.8B / Mamba-2.8B widths (d = 2560, 32 heads
 of 80, rotary 20, MLP 4d) and (b, l) = (1, 1) decode, (1, 2048), (8, 2048):
@@ -18,6 +19,12 @@ pays, host included), ``gpu`` (CUDA events over back-to-back calls) and ``graph`
 per call inside a CUDA graph) -, the fused kernel's HBM floor (bytes it must move / measured
 device copy bandwidth) and its fraction of that floor. Targets (issue 14, H200): >= 80 % of
 the floor at (8, 2048, 2560); never slower than eager at (1, 1, 2560).
+
+``--emit``: the region emissions to time (FXOPT_REGION_EMIT: ``parts`` - the default, each
+contiguous column part of an output its own dense tile - and ``rows``, the earlier
+whole-row emission with cats as selects); each gives its own fused row (``emit`` column) against
+the same eager timing, so old and new are compared in one run. Kernels without slices / cats
+emit the same source either way.
 
 Also printed: max ulp / fp64_relative measurements of fused vs eager (the contracts hold on
 the GPU at these sizes too). Prints a table and writes JSON.
@@ -163,7 +170,29 @@ def numerics(region, xs) -> dict:
 
 
 # ----------------------------------------------------------------------------- sections
-def kernel_section(shapes, dtype, bandwidth) -> list[dict]:
+def use_emission(emit: str) -> None:
+    """Make the fused-region op use region emission ``emit`` from its next call: set
+    FXOPT_REGION_EMIT, re-take the config snapshot and drop the cached launchers (their keys
+    are per specialisation, not per emission, on the op's fast path)."""
+    from fxopt import config
+    from fxopt.codegen import region_launch as rl
+    from fxopt.ops import fused_region as fr
+
+    os.environ["FXOPT_REGION_EMIT"] = emit
+    config.refresh()
+    fr._FAST.clear()
+    rl._LAUNCHERS.clear()
+
+
+def _emits_of(region, emits):
+    """The emissions worth timing for ``region``: without slices / cats both emit the same
+    source (region_triton.uses_parts), so the first one only."""
+    from fxopt.codegen.region import OPS
+
+    return emits if any(OPS[s.op].kind == "view" for s in region.stmts) else emits[:1]
+
+
+def kernel_section(shapes, dtype, bandwidth, emits=("parts",)) -> list[dict]:
     from fxopt.ops.fused_region import fused_region
 
     rows = []
@@ -177,22 +206,28 @@ def kernel_section(shapes, dtype, bandwidth) -> list[dict]:
             floor = nbytes / bandwidth
             small = b * l == 1
             iters = 2000 if small else (200 if b == 1 else 50)
-            row = {"kernel": name, "shape": f"({b},{l},{D})", "dtype": str(dtype)[6:], "bytes": nbytes,
-                   "floor_us": floor * 1e6}
-            for label, fn in (("eager", eager), ("fused", fused)):
-                row[f"{label}_plain_us"] = time_plain(fn, iters) * 1e6
-                row[f"{label}_gpu_us"] = time_gpu(fn, iters) * 1e6
-                row[f"{label}_graph_us"] = time_graph(fn, 20 if small else 5) * 1e6
-            row["fused_pct_floor"] = 100 * floor * 1e6 / row["fused_gpu_us"]
-            row["speedup_plain"] = row["eager_plain_us"] / row["fused_plain_us"]
-            row["speedup_graph"] = row["eager_graph_us"] / row["fused_graph_us"]
-            row["numerics"] = numerics(region, xs)
-            rows.append(row)
-            print(_fmt_row(row), flush=True)
+            base = {"kernel": name, "shape": f"({b},{l},{D})", "dtype": str(dtype)[6:], "bytes": nbytes,
+                    "floor_us": floor * 1e6}
+            base["eager_plain_us"] = time_plain(eager, iters) * 1e6
+            base["eager_gpu_us"] = time_gpu(eager, iters) * 1e6
+            base["eager_graph_us"] = time_graph(eager, 20 if small else 5) * 1e6
+            own = _emits_of(region, emits)
+            for emit in own:
+                use_emission(emit)
+                row = dict(base, emit=emit if len(own) == len(emits) else "same")  # "same": one source for all
+                row["fused_plain_us"] = time_plain(fused, iters) * 1e6
+                row["fused_gpu_us"] = time_gpu(fused, iters) * 1e6
+                row["fused_graph_us"] = time_graph(fused, 20 if small else 5) * 1e6
+                row["fused_pct_floor"] = 100 * floor * 1e6 / row["fused_gpu_us"]
+                row["speedup_plain"] = row["eager_plain_us"] / row["fused_plain_us"]
+                row["speedup_graph"] = row["eager_graph_us"] / row["fused_graph_us"]
+                row["numerics"] = numerics(region, xs)
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
     return rows
 
 
-_COLS = ("kernel", "shape", "eager_plain_us", "fused_plain_us", "eager_gpu_us", "fused_gpu_us",
+_COLS = ("kernel", "shape", "emit", "eager_plain_us", "fused_plain_us", "eager_gpu_us", "fused_gpu_us",
          "eager_graph_us", "fused_graph_us", "floor_us", "fused_pct_floor")
 
 
@@ -200,16 +235,16 @@ def _fmt_row(row) -> str:
     cells = []
     for c in _COLS:
         v = row[c]
-        cells.append(f"{v:9.1f}" if isinstance(v, float) else f"{v:>18}")
+        cells.append(f"{v:9.1f}" if isinstance(v, float) else (f"{v:>18}" if c in ("kernel", "shape") else f"{v:>9}"))
     ok = "ok" if row["numerics"]["holds"] else "CONTRACT VIOLATED"
     return " ".join(cells) + f"  {row['numerics']['contract']} {ok}"
 
 
 def _header() -> str:
-    return " ".join(f"{c[:9]:>9}" if i > 1 else f"{c:>18}" for i, c in enumerate(_COLS))
+    return " ".join(f"{c:>18}" if c in ("kernel", "shape") else f"{c[:9]:>9}" for c in _COLS)
 
 
-def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu")) -> list[dict]:
+def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu"), emits=("parts",)) -> list[dict]:
     """Launch shapes of the generated kernels at (8, 2048, 2560): the heuristic's choice
     (``region_triton.kernel_config``) against other rows-per-program / warps / column tiles,
     same kernel source, CUDA-event time per call and fraction of the HBM floor. The data the
@@ -230,23 +265,23 @@ def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu")) -> list[
         _, spec, _ = rg.plan(region, xs)
         base = original(spec)
         variants = [("heuristic", base)]
-        for bm in (4, 8, 16, 32, 64):
+        for bm in (4, 8, 16, 32, 64, 128):
             for nw in (2, 4, 8):
                 if bm * base.block_n <= 16384 and (bm, nw) != (base.block_m, base.num_warps):
                     variants.append((f"bm{bm} w{nw}", dataclasses.replace(base, block_m=bm, num_warps=nw)))
-        for label, cfg in variants:
+        for (label, cfg), emit in [(v, e) for e in _emits_of(region, emits) for v in variants]:
             rt.kernel_config = lambda spec, interpret=False, _c=cfg: _c  # noqa: E731
             try:
-                launcher = rl.make_launcher(xs, region.text, "triton")
+                launcher = rl.make_launcher(xs, region.text, "triton", emit)
                 ref = region.evaluate(xs)
                 out = launcher(xs)
                 same = all(torch.equal(r, o) or not rg.parse_region(region.text).numerics() == "exact"
                            for r, o in zip(ref, out))
                 us = time_gpu(lambda: launcher(xs), 50) * 1e6
-                row = dict(kernel=name, config=label, block_m=cfg.block_m, block_n=cfg.block_n,
+                row = dict(kernel=name, emit=emit, config=label, block_m=cfg.block_m, block_n=cfg.block_n,
                            num_warps=cfg.num_warps, us=us, pct_floor=100 * floor * 1e6 / us, bitwise_ok=same)
             except Exception as exc:  # noqa: BLE001 - one config failing must not hide the others
-                row = dict(kernel=name, config=label, error=f"{type(exc).__name__}: {exc}"[:200])
+                row = dict(kernel=name, emit=emit, config=label, error=f"{type(exc).__name__}: {exc}"[:200])
             finally:
                 rt.kernel_config = original
             rows.append(row)
@@ -255,22 +290,23 @@ def sweep_section(dtype, bandwidth, kernels=("rotary_qk", "bias_gelu")) -> list[
 
 
 # ----------------------------------------------------------------------------- smoke (CPU)
-def smoke() -> dict:
+def smoke(emits=("parts",)) -> dict:
     """Every kernel of the section through the Triton interpreter at tiny sizes (CPU): the
     script's code paths, the kernels' numerics vs CPU eager, and the host-side cost of the
     launcher's Python work (key, lookup, allocation; the GPU's driver launch excluded)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from fxopt.codegen import region_launch as rl
-    from fxopt.ops.fused_region import contract, run_generated
+    from fxopt.ops.fused_region import contract
 
     res = {}
     for name, region, xs in make_cases(2, 3, torch.float16, "cpu", d=48, heads=2, head_dim=16, rot=4):
-        out = run_generated(xs, region.text)
         ref = region.evaluate(xs)
         f64 = region.in_fp64().evaluate([x.double() for x in xs])
         c = contract(region)
-        for r, o, f in zip(ref, out, f64):
-            c.check(r, o, fp64_ref=f)
+        for emit in emits:
+            out = rl.make_launcher(xs, region.text, "triton", emit)(xs)
+            for r, o, f in zip(ref, out, f64):
+                c.check(r, o, fp64_ref=f)
         launcher = rl.get_launcher(xs, region.text, "triton")
         key_args = [(x.shape, x.stride(), x.dtype, x.data_ptr() & 15) for x in xs]
         cache = {("k", *key_args): launcher}
@@ -294,10 +330,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter run at tiny sizes")
     ap.add_argument("--sweep", action="store_true", help="launch-shape sweep of rotary_qk and bias_gelu at (8,2048)")
+    ap.add_argument("--emit", default="parts",
+                    help="comma-separated region emissions to time: parts (default), rows (the earlier one)")
     args = ap.parse_args(argv)
+    from fxopt.codegen.region_triton import EMISSIONS
+
+    emits = tuple(e for e in args.emit.split(",") if e)
+    if not emits or any(e not in EMISSIONS for e in emits):
+        ap.error(f"--emit takes a comma-separated list of {', '.join(EMISSIONS)}")
     meta = {"torch": torch.__version__, "python": platform.python_version()}
     if args.smoke:
-        out = {"meta": meta, "smoke": smoke()}
+        out = {"meta": meta, "smoke": smoke(emits)}
     else:
         if not torch.cuda.is_available():
             print("needs a CUDA device (use --smoke on CPU)", file=sys.stderr)
@@ -310,10 +353,10 @@ def main(argv=None) -> int:
         meta["copy_bandwidth_GBps"] = bw / 1e9
         print(f"{meta['device']}: device copy bandwidth {bw / 1e9:.0f} GB/s")
         if args.sweep:
-            out = {"meta": meta, "sweep": sweep_section(dtype, bw)}
+            out = {"meta": meta, "sweep": sweep_section(dtype, bw, emits=emits)}
         else:
             print(_header())
-            rows = kernel_section([s for s in args.shapes.split(",") if s], dtype, bw)
+            rows = kernel_section([s for s in args.shapes.split(",") if s], dtype, bw, emits)
             out = {"meta": meta, "kernels": rows}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

@@ -32,6 +32,11 @@ package to keep it so); everything else asks for a :class:`Config` snapshot:
 |                             | sfu (the special-function unit, bias-corrected:      |                      |
 |                             | within the contract as measured, ~1.5x faster at     |                      |
 |                             | large sizes); see fxopt/codegen/exp2.py              |                      |
+| FXOPT_REGION_EMIT           | how region kernels address slices / cats: parts     | parts                |
+|                             | (each contiguous column part of an output is its own |                      |
+|                             | dense tile at a constant column offset) or rows (the |                      |
+|                             | earlier emission: every value over the whole row,    |                      |
+|                             | cats as where-selects; kept for side-by-side timing) |                      |
 | CUDA_HOME / CUDA_PATH       | where nvcc is looked for (then /usr/local/cuda, PATH)| unset                |
 | TRITON_INTERPRET            | Triton's interpreter (read here for fxopt's own      | unset                |
 |                             | interpreter workarounds; Triton reads it itself)     |                      |
@@ -48,6 +53,7 @@ from . import logs
 
 SCAN_EXP_CHOICES = ("auto", "fma", "sfu")
 BACKENDS = ("triton", "cuda", "torch")
+REGION_EMIT_CHOICES = ("parts", "rows")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Config:
     scan_exp: str
     cuda_home: Path | None = None  # CUDA_HOME, else CUDA_PATH
     triton_interpret: bool = False
+    region_emit: str = "parts"
 
     @property
     def dumps(self) -> Path | None:
@@ -94,6 +101,16 @@ def _scan_exp(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _region_emit(env: Mapping[str, str]) -> str:
+    raw = env.get("FXOPT_REGION_EMIT", "parts").strip().lower() or "parts"
+    if raw not in REGION_EMIT_CHOICES:
+        from .errors import FxoptError
+
+        raise FxoptError(f"environment variable FXOPT_REGION_EMIT={raw!r} must be one of "
+                         f"{', '.join(REGION_EMIT_CHOICES)}")
+    return raw
+
+
 def read_environment(env: Mapping[str, str] | None = None) -> Config:
     """A snapshot of every knob from ``env`` (default: ``os.environ``). The only reader."""
     env = os.environ if env is None else env
@@ -114,6 +131,7 @@ def read_environment(env: Mapping[str, str] | None = None) -> Config:
         scan_exp=_scan_exp(env),
         cuda_home=Path(cuda) if cuda else None,
         triton_interpret=env.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False"),
+        region_emit=_region_emit(env),
     )
 
 
@@ -159,6 +177,12 @@ def scan_exp_raw() -> str:
     """The launch paths' FXOPT_SCAN_EXP (the process snapshot): a cheap cache-key component."""
     cfg = _CURRENT
     return (cfg if cfg is not None else refresh()).scan_exp
+
+
+def region_emit_raw() -> str:
+    """The launch paths' FXOPT_REGION_EMIT (the process snapshot): a cheap cache-key component."""
+    cfg = _CURRENT
+    return (cfg if cfg is not None else refresh()).region_emit
 
 
 def debug_log(level: int, msg: str, logger: str = "fxopt") -> None:

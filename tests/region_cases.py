@@ -135,3 +135,50 @@ def _deps(b: RegionBuilder, outs) -> set:
         if f"t{k}" in live:
             live.update(b._stmts[k].operands)
     return live
+
+
+@st.composite
+def part_regions(draw):
+    """``(region, xs)``: an output assembled by ``cat`` from pieces of one full-width input,
+    each piece a slice (of width 1 too) that is negated, cast, multiplied by the matching slice
+    of a second input (full, broadcast over rows or one value per row) or taken as is, in a
+    drawn order; optionally a pointwise op over the whole cat and a second, nested cat (the
+    rotate-half shape: a cat inside a product). Widths from 1 up, powers of two or not, so part
+    boundaries fall at every alignment."""
+    base = draw(st.sampled_from(FLOATS))
+    rows = tuple(draw(row_shapes(max_dims=2, max_side=4)))
+    width = draw(st.one_of(st.just(1), st.sampled_from([2, 3, 5, 12, 20, 33, 80]), st.integers(1, 40)))
+    other_kind = draw(st.sampled_from(("full", "bcast", "row")))
+    b = RegionBuilder()
+    x, y = b.input(base), b.input(draw(st.sampled_from(FLOATS)))
+    cuts = sorted(draw(st.sets(st.integers(1, width - 1), max_size=min(4, width - 1)))) if width > 1 else []
+    pieces = []
+    for lo, hi in zip([0, *cuts], [*cuts, width]):
+        p = b.slice(x, lo, hi)
+        how = draw(st.sampled_from(("as_is", "neg", "cast", "mul")))
+        if how == "neg":
+            p = b.neg(p)
+        elif how == "cast":
+            p = b.to(p, draw(st.sampled_from([d for d in FLOATS if d != base])))
+            p = b.to(p, base)  # back: cat operands share one dtype
+        elif how == "mul":
+            yp = y if other_kind == "row" else b.slice(y, lo, hi)
+            m = b.mul(p, yp)
+            p = m if m.dtype == base else b.to(m, base)
+        pieces.append(p)
+    order = draw(st.permutations(range(len(pieces))))
+    v = b.cat(*[pieces[i] for i in order]) if len(pieces) > 1 else pieces[0]
+    if draw(st.booleans()):
+        v = b.mul(v, y) if draw(st.booleans()) else b.add(v, 0.5)
+        v = v if v.dtype == base else b.to(v, base)
+    outs = [v]
+    if width > 1 and draw(st.booleans()):
+        h = draw(st.integers(1, width - 1))  # rotate-half of the assembled value, times x
+        outs.append(b.mul(b.cat(b.neg(b.slice(v, h, width)), b.slice(v, 0, h)), x))
+    if y.name not in _deps(b, outs):
+        outs[0] = b.add(outs[0], y)  # every input takes part
+        outs[0] = outs[0] if outs[0].dtype == base else b.to(outs[0], base)
+    b.output(*outs)
+    region = b.build()
+    xs = draw(region_inputs(region, rows=rows, width=width, kinds=["full", other_kind]))
+    return region, xs

@@ -19,7 +19,7 @@ def test_blocks_smoke(monkeypatch, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "blocks.json"
-    assert mod.main(["--smoke", "--json", str(out)]) == 0
+    assert mod.main(["--smoke", "--emit", "rows,parts", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["smoke"]
     assert set(res) == {"neox_add_2ln", "mamba_add_rmsnorm", "bias_gelu", "rotary_qk"}
     assert res["rotary_qk"]["contract"] == "bitwise" and all(r["holds"] for r in res.values())

@@ -51,12 +51,13 @@ class RegionLauncher:
         return outs
 
 
-def _triton_launch(spec: rg.Spec, xs: Sequence[torch.Tensor]) -> tuple[Callable, rt.KernelConfig, str]:
+def _triton_launch(spec: rg.Spec, xs: Sequence[torch.Tensor],
+                   emission: str | None = None) -> tuple[Callable, rt.KernelConfig, str]:
     import triton
 
     interpret = bool(triton.knobs.runtime.interpret) or xs[0].device.type != "cuda"
     cfg = rt.kernel_config(spec, interpret)
-    name, src = rt.emit_triton(spec, interpret)
+    name, src = rt.emit_triton(spec, interpret, emission)
     mod = load_triton_module(name, src, signature=f"interpret={interpret}")
     fn = getattr(mod, name)
     scalars = rt.scalar_args(spec)
@@ -90,8 +91,9 @@ def _triton_launch(spec: rg.Spec, xs: Sequence[torch.Tensor]) -> tuple[Callable,
     return fast, cfg, name
 
 
-def make_launcher(xs: Sequence[torch.Tensor], text: str, backend: str) -> RegionLauncher:
-    """Plan one call (no caching): the kernel where it can take the call, else the reference."""
+def make_launcher(xs: Sequence[torch.Tensor], text: str, backend: str, emission: str | None = None) -> RegionLauncher:
+    """Plan one call (no caching): the kernel where it can take the call, else the reference.
+    ``emission``: see :func:`fxopt.codegen.region_triton.emit_triton` (None: FXOPT_REGION_EMIT)."""
     region = rg.parse_region(text)
     out_specs, spec, reason = rg.plan(region, xs)
     if backend == "torch":
@@ -104,14 +106,14 @@ def make_launcher(xs: Sequence[torch.Tensor], text: str, backend: str) -> Region
     if any(x.device != device for x in xs):
         return RegionLauncher(region, out_specs, None, "inputs on several devices")
     try:
-        launch, cfg, name = _triton_launch(spec, xs)
+        launch, cfg, name = _triton_launch(spec, xs, emission)
     except CodegenError as exc:  # a construct the emitter does not generate: the reference runs
         return RegionLauncher(region, out_specs, None, str(exc), spec)
     return RegionLauncher(region, out_specs, launch, "", spec, cfg, name)
 
 
 def spec_key(xs: Sequence[torch.Tensor], text: str, backend: str) -> tuple:
-    return (text, backend) + tuple(
+    return (text, backend, rt.resolve_emission(None)) + tuple(
         (x.dtype, tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, x.device) for x in xs)
 
 
@@ -128,7 +130,8 @@ def get_launcher(xs: Sequence[torch.Tensor], text: str, backend: str) -> RegionL
     return launcher
 
 
-def kernel_source(xs: Sequence[torch.Tensor], text: str, interpret: bool = False) -> tuple[str, str] | None:
+def kernel_source(xs: Sequence[torch.Tensor], text: str, interpret: bool = False,
+                  emission: str | None = None) -> tuple[str, str] | None:
     """``(name, source)`` of the kernel generated for this call (meta / fake tensors are
     fine), or None when the kernel cannot take it."""
     region = rg.parse_region(text)
@@ -136,6 +139,54 @@ def kernel_source(xs: Sequence[torch.Tensor], text: str, interpret: bool = False
     if spec is None:
         return None
     try:
-        return rt.emit_triton(spec, interpret)
+        return rt.emit_triton(spec, interpret, emission)
     except CodegenError:
         return None
+
+
+def compile_for_target(xs: Sequence[torch.Tensor], text: str, arch: int = 90, emission: str | None = None,
+                       config: rt.KernelConfig | None = None):
+    """``(compiled kernel, KernelConfig)``: the kernel of this call compiled for ``sm_<arch>`` without
+    a GPU (ptxas ships with Triton), specialised as a launch on ``xs`` would be (meta tensors
+    are fine: a pointer is 16-byte aligned where its storage offset is; ints equal to 1 become
+    constants and those divisible by 16 are marked so, as the JIT does). For reading the PTX /
+    SASS (vector widths, instruction counts, registers) of an emission offline."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    region = rg.parse_region(text)
+    _, spec, reason = rg.plan(region, xs)
+    if spec is None:
+        raise CodegenError(f"the generated kernel cannot take this call: {reason}")
+    cfg = config or rt.kernel_config(spec)
+    name, src = rt.emit_triton(spec, False, emission)
+    fn = getattr(load_triton_module(name, src, signature="interpret=False"), name)
+    names = fn.arg_names
+    tdt = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+    outs = [torch.empty_strided(s, st, dtype=dt, device="meta") for s, st, dt in
+            zip(spec.out_shapes, spec.out_strides, (o.dtype for o in spec.outputs))]
+    ptrs = [(tdt[t.dtype], (t.storage_offset() * t.element_size()) % 16 == 0) for t in (*xs, *outs)]
+    ints = rt.scalar_args(spec)
+    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "I64": cfg.i64}
+    sig, div16 = {}, []
+    for i, nm in enumerate(names):
+        if nm in consts:
+            sig[nm] = "constexpr"
+        elif i < len(ptrs):
+            sig[nm] = ptrs[i][0]
+            if ptrs[i][1]:
+                div16.append(i)
+        else:
+            v = ints[i - len(ptrs)]
+            if v == 1:
+                sig[nm] = "constexpr"
+                consts[nm] = 1
+            else:
+                sig[nm] = "i64" if abs(v) >= 2**31 else "i32"
+                if v % 16 == 0:
+                    div16.append(i)
+    src_ = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                     attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+    opts = dict(num_warps=cfg.num_warps, num_stages=1, **LAUNCH_OPTIONS)
+    return triton.compile(src_, target=GPUTarget("cuda", arch, 32), options=opts), cfg

@@ -8,6 +8,17 @@ tiles the columns too (``BLOCK_N <= 1024``, grid ``(row blocks, column tiles)``)
 dims and its column stride, so broadcast (stride 0) and non-contiguous operands are read in
 place; a width-1 operand is one value per row.
 
+Column parts (``emission="parts"``, the default; FXOPT_REGION_EMIT). Where a region moves
+along the row (``slice``/``cat``) and a program covers all columns of its rows, each output is
+split at every column where a ``cat`` changes parts (followed through slices and pointwise ops:
+:func:`column_breaks`) and each contiguous part is computed and stored as its own tile
+``[BLOCK_M, next_pow2(part width)]`` at a constant column offset: inside one part every ``cat``
+is one of its operands (no select) and every load is a dense, constant-offset read of only the
+columns that part needs, memoised per (value, offset, width) so each input column range is
+loaded once. ``emission="rows"`` is the earlier scheme (every value over the whole ``BLOCK_N``
+row, slices as loads at shifted offsets, cats as ``tl.where`` over all parts), kept so the two
+can be timed side by side; both compute the same statements in the same order (bit-equal).
+
 Numerics (what makes the kernel match eager):
 
 * values live in registers in the op-math type (fp32; fp64 for fp64) and are rounded to the
@@ -46,6 +57,7 @@ from .region import OPS, Region, Spec
 MAX_BLOCK_N = 16384
 MAX_TILE_N = 1024  # column tile of regions without row reductions
 VEC0 = ("v", 0)  # position of a value: the whole row, lane c holding column c
+EMISSIONS = ("parts", "rows")
 # <cmath>'s constants, as the doubles ATen's GELU kernels start from
 _M_SQRT2 = float("1.41421356237309504880")
 _M_2_SQRTPI = float("1.12837916709551257390")
@@ -123,26 +135,84 @@ def kernel_config(spec: Spec, interpret: bool = False) -> KernelConfig:
     return KernelConfig(block_m, block_n, num_warps, i64, col_blocks)
 
 
-def static_key(spec: Spec) -> tuple:
+def resolve_emission(emission: str | None) -> str:
+    """``emission`` or, when None, FXOPT_REGION_EMIT (the process snapshot)."""
+    if emission is None:
+        from .. import config
+
+        emission = config.region_emit_raw()
+    if emission not in EMISSIONS:
+        raise CodegenError(f"unknown region emission {emission!r}; use one of {', '.join(EMISSIONS)}")
+    return emission
+
+
+def uses_parts(spec: Spec, emission: str | None = None) -> bool:
+    """Whether the kernel is emitted per column part (see the module docstring): asked for, the
+    region moves along rows (a slice or cat; without one the two emissions are the same code),
+    and one program covers every column of its rows (no column tiles)."""
+    if resolve_emission(emission) != "parts":
+        return False
+    if not any(OPS[s.op].kind == "view" for s in spec.region.stmts):
+        return False
+    return not tiles_columns(spec.region) or _next_pow2(spec.max_width) <= MAX_TILE_N
+
+
+def static_key(spec: Spec, emission: str | None = None) -> tuple:
     """What the emitted source depends on (besides the region): widths, per operand whether
-    it is one value per row, has unit column stride, and which row strides are zero."""
+    it is one value per row, has unit column stride, and which row strides are zero, and
+    whether it is emitted per column part."""
     ops = []
     for op in (*spec.inputs, *spec.outputs):
         ops.append((op.width == 1, op.col_stride == 1, tuple(s == 0 for s in op.row_strides)))
     widths = tuple(sorted(spec.widths.items()))
-    return (spec.region.text, widths, tuple(ops), len(spec.row_sizes))
+    return (spec.region.text, widths, tuple(ops), len(spec.row_sizes), uses_parts(spec, emission))
 
 
-def kernel_name(spec: Spec) -> str:
-    h = hashlib.sha256(repr(static_key(spec)).encode()).hexdigest()[:10]
+def kernel_name(spec: Spec, emission: str | None = None) -> str:
+    h = hashlib.sha256(repr(static_key(spec, emission)).encode()).hexdigest()[:10]
     return f"fxopt_region_{spec.region.short_hash()}_{h}"
 
 
+def column_breaks(region: Region, widths: dict, name: str, lo: int, hi: int) -> set[int]:
+    """Columns ``c`` with ``lo < c < hi`` of value ``name`` where some ``cat`` it is computed from
+    switches from one operand to the next (followed through slices, pointwise ops and
+    LayerNorm's operands; width-1 operands and row reductions are one value per row and
+    break nothing). Between two consecutive breaks every cat is a single operand."""
+    if hi - lo <= 1 or widths[name] == 1 or name[0] == "x":
+        return set()
+    s = region.stmt(name)
+    kind = OPS[s.op].kind
+    if kind == "reduce":
+        return set()
+    if s.op == "slice":
+        st = int(s.param("start"))
+        return {c - st for c in column_breaks(region, widths, s.args[0], lo + st, hi + st)}
+    if s.op == "cat":
+        out, off = set(), 0
+        for p in s.args:
+            wp = widths[p]
+            a, b = max(lo, off), min(hi, off + wp)
+            if a < b:
+                out |= {c + off for c in column_breaks(region, widths, p, a - off, b - off)}
+            if lo < off < hi:
+                out.add(off)
+            off += wp
+        return out
+    out = set()
+    for a in s.operands:
+        if widths[a] != 1:
+            out |= column_breaks(region, widths, a, lo, hi)
+    return out
+
+
 class _Emitter:
-    def __init__(self, spec: Spec, interpret: bool):
+    def __init__(self, spec: Spec, interpret: bool, emission: str | None = None):
         self.spec = spec
         self.region: Region = spec.region
         self.interpret = interpret
+        self.emission = resolve_emission(emission)
+        self.parts = uses_parts(spec, self.emission)
+        self.lanes_of: dict[int, str] = {}
         self.lines: list[str] = []
         self.memo: dict[tuple[str, int], str] = {}
         self.n = 0
@@ -179,6 +249,14 @@ class _Emitter:
             self.colmasks[w] = name
         return self.colmasks[w]
 
+    def lanes(self, t: int) -> str:
+        """``[1, t]`` lane indices of a part tile (``t`` a power of two)."""
+        if t not in self.lanes_of:
+            name = f"ln{t}"
+            self.w(f"{name} = tl.arange(0, {t})[None, :]")
+            self.lanes_of[t] = name
+        return self.lanes_of[t]
+
     def widen(self, var: str, src: torch.dtype, om: torch.dtype) -> str:
         """A value held in opmath(src) as opmath ``om``."""
         if _opmath(src) == om:
@@ -200,8 +278,10 @@ class _Emitter:
     # -- values -----------------------------------------------------------------------
     def value(self, name: str, pos: tuple = VEC0) -> str:
         """Variable holding value ``name`` at position ``pos``: ``("v", s)`` a vector whose lane
-        c holds column c + s, ``("c", k)`` one register per row holding column k. A width-1
-        value is always its column 0 (one register per row, broadcast along the row)."""
+        c holds column c + s, ``("c", k)`` one register per row holding column k,
+        ``("p", a, t, n)`` a part tile of ``t`` lanes whose lane c < n holds column a + c (lanes
+        from n on are padding, never stored). A width-1 value is always its column 0 (one
+        register per row, broadcast along the row)."""
         if self.width(name) == 1:
             pos = ("c", 0)
         key = (name, pos)
@@ -218,11 +298,23 @@ class _Emitter:
     def load(self, i: int, pos: tuple) -> str:
         op = self.spec.inputs[i]
         dt = op.dtype
-        mode, n = pos
+        mode, n = pos[:2]
         per_row = any(s != 0 for s in op.row_strides)  # else the same values for every row
         base = f"x{i}_ptr + xo{i}" if per_row else f"x{i}_ptr + tl.zeros([1, 1], tl.int32)"
         rmask = "rmask" if per_row else None
-        if op.width == 1 or mode == "c":
+        if op.width != 1 and mode == "p":
+            _, a, t, nv = pos
+            if a < 0 or a + nv > op.width:  # pragma: no cover - parts lie inside their values
+                raise CodegenError(f"region: part [{a}, {a + nv}) outside input x{i} of width {op.width}")
+            var = self.tmp(f"x{i}_")
+            ln = self.lanes(t)
+            c = ln if a == 0 else f"({ln} + {a})"
+            addr = c if op.col_stride == 1 else f"{c} * x{i}_cs"
+            cmask = f"({ln} < {nv})" if nv < t else None
+            masks = [m for m in (rmask, cmask) if m]
+            mask = f", mask={' & '.join(masks)}, other=0.0" if masks else ""
+            self.w(f"{var} = tl.load({base} + {addr}{mask})")
+        elif op.width == 1 or mode == "c":
             col = 0 if op.width == 1 else n
             if not 0 <= col < op.width:  # a column this input does not have: never selected
                 return self.const(0.0, _opmath(dt))
@@ -383,9 +475,9 @@ class _Emitter:
 
     def view(self, k: int, pos: tuple) -> str:
         s = self.region.stmts[k]
-        mode, n = pos
+        mode, n = pos[:2]
         if s.op == "slice":
-            return self.value(s.args[0], (mode, n + int(s.param("start"))))
+            return self.value(s.args[0], (mode, n + int(s.param("start")), *pos[2:]))
         parts, offsets, off = list(s.args), [], 0
         for p in parts:
             offsets.append(off)
@@ -393,8 +485,15 @@ class _Emitter:
         om = _opmath(s.dtype)
 
         def part(p, o):
-            v = self.widen(self.value(p, (mode, n - o)), self.dtype(p), om)
+            v = self.widen(self.value(p, (mode, n - o, *pos[2:])), self.dtype(p), om)
             return v if self.dtype(p) == s.dtype else self.round_to(v, om, s.dtype)
+
+        if mode == "p":  # a part tile lies inside one operand (column_breaks cut there)
+            nv = pos[3]
+            for p, o in zip(parts, offsets):
+                if o <= n and n + nv <= o + self.width(p):
+                    return part(p, o)
+            raise CodegenError(f"region: part [{n}, {n + nv}) of t{k} spans cat operands")  # pragma: no cover
 
         if mode == "c":  # one column: the part that holds it
             for p, o in zip(parts, offsets):
@@ -416,7 +515,7 @@ class _Emitter:
         spec = self.spec
         region = self.region
         nd = len(spec.row_sizes)
-        name = kernel_name(spec)
+        name = kernel_name(spec, self.emission)
         params = [f"x{i}_ptr" for i in range(region.n_inputs)] + [f"o{j}_ptr" for j in range(region.n_outputs)]
         params += ["R"] + [f"sz_{d}" for d in range(1, nd)]
         for prefix, ops in (("x", spec.inputs), ("o", spec.outputs)):
@@ -457,16 +556,30 @@ class _Emitter:
                 elif prefix == "o":  # a single row (every row stride dropped): row 0
                     w(f"oo{i} = rows * 0")
         for j, (oname, op) in enumerate(zip(region.outputs, spec.outputs)):
-            v = self.value(oname, VEC0)
             dt = op.dtype
-            if dt == torch.bfloat16:
-                sv = f"_f32_to_bf16_rne({v})"
-            elif dt == torch.float16:
-                sv = f"{v}.to(tl.float16)"
-            elif dt == torch.float32 and _opmath(self.dtype(oname)) != torch.float32:
-                sv = f"{v}.to(tl.float32)"
-            else:
-                sv = v
+
+            def stored(v):
+                if dt == torch.bfloat16:
+                    return f"_f32_to_bf16_rne({v})"
+                if dt == torch.float16:
+                    return f"{v}.to(tl.float16)"
+                if dt == torch.float32 and _opmath(self.dtype(oname)) != torch.float32:
+                    return f"{v}.to(tl.float32)"
+                return v
+
+            if self.parts and op.width != 1:
+                # one dense store per contiguous part (see column_breaks)
+                cuts = sorted(column_breaks(region, spec.widths, oname, 0, op.width))
+                for a, b in zip([0, *cuts], [*cuts, op.width]):
+                    t = _next_pow2(b - a)
+                    sv = stored(self.value(oname, ("p", a, t, b - a)))
+                    ln = self.lanes(t)
+                    c = ln if a == 0 else f"({ln} + {a})"
+                    addr = c if op.col_stride == 1 else f"{c} * o{j}_cs"
+                    mask = "rmask" + (f" & ({ln} < {b - a})" if b - a < t else "")
+                    w(f"tl.store(o{j}_ptr + oo{j} + {addr}, tl.broadcast_to({sv}, [BLOCK_M, {t}]), mask={mask})")
+                continue
+            sv = stored(self.value(oname, VEC0))
             if op.width == 1:
                 # one value per row: written by the first column tile only
                 first = " & (tl.program_id(1) == 0)" if tiled else ""
@@ -497,13 +610,14 @@ class _Emitter:
         return name, "\n".join(head + self.lines) + "\n"
 
 
-def emit_triton(spec: Spec, interpret: bool = False) -> tuple[str, str]:
-    """``(kernel_name, source)`` of the Triton kernel for this specialisation.
+def emit_triton(spec: Spec, interpret: bool = False, emission: str | None = None) -> tuple[str, str]:
+    """``(kernel_name, source)`` of the Triton kernel for this specialisation (``emission``:
+    "parts" or "rows", None: FXOPT_REGION_EMIT; see the module docstring).
 
     Signature: ``(x0_ptr.., o0_ptr.., R, sz_1..sz_{D-1}, per operand its non-zero row strides
     and (when not 1) its column stride, BLOCK_M, BLOCK_N, I64)``; launch it on
     ``(cdiv(R, BLOCK_M),)`` with ``enable_fp_fusion=False, enable_reflect_ftz=False``."""
-    return _Emitter(spec, interpret).emit()
+    return _Emitter(spec, interpret, emission).emit()
 
 
 def scalar_args(spec: Spec) -> list[int]:
