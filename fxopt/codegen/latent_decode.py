@@ -275,7 +275,17 @@ def _sm_count(device: torch.device) -> int:
 # the context is split many ways; b1 and b16 at 32 heads on 132 SMs) and "batch" otherwise (b64:
 # two or three splits at most). An entry may set any of CONFIG_KEYS; what it leaves out comes from the
 # heuristic below, and a caller's explicit overrides beat both.
-TUNED: dict = {}
+# Picked by benchmarks/latent_sweep.py on one H200 (2026-12-02, fp16, H 32, R 20; the cases in
+# each comment's list; benchmarks/results/latent_sweep_h200_2026-12-02.json): per (bytes per
+# element, r rounded up to a power of two, regime) the overrides of the heuristic's choice.
+TUNED: dict = {
+    (2, 512, "batch"): {"BLOCK_K": 64, "num_warps": 4},        # b64 ctx4096: 0.357 ms vs 0.476 default
+    (2, 512, "split"): {},                                      # b1 ctx16k / b16 ctx2048: default within 5 %
+    (2, 1024, "batch"): {},
+    (2, 1024, "split"): {"partial_frac": 0.5},
+    (2, 4096, "batch"): {"BLOCK_RO": 1024, "BLOCK_K": 64},
+    (2, 4096, "split"): {"split_waves": 8, "partial_frac": 1.0},  # b1 ctx16k r2560: 0.674 ms vs 1.022
+}
 
 CONFIG_KEYS = ("BLOCK_H", "BLOCK_T", "BLOCK_RO", "BLOCK_RC", "BLOCK_K", "RC_LOOP", "num_warps", "num_stages",
                "n_splits", "split_waves", "partial_frac")
