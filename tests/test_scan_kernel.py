@@ -539,3 +539,23 @@ def test_scan_cuda_entry_point(monkeypatch):
     y64, h64 = selective_scan_ref(u64, *(t.double() for t in (delta, A, B, C, D, z)))
     (g64,) = torch.autograd.grad(y64.sum() + h64.sum(), u64)
     assert (gu.double() - g64).abs().max() <= 1e-3 * (1 + g64.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on the device tool)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scan_cuda_16bit_bc_register_path(dtype):
+    """The Gluon kernel's 16-bit B / C register loads (unit stride along l, no fp32 copies) under
+    the op's contract, aligned and at odd offsets, repeated; the quick subset of the contract test
+    for the layouts that path takes (about 20 s per dtype on an H200; 16/16 passed 2026-12-02)."""
+    for (b, d, L, n) in [(2, 70, 96, 16), (1, 24, 512, 8), (1, 40, 2048, 16), (2, 33, 264, 64)]:
+        for layout in ("contiguous", "offset"):
+            case = f"shape={(b, d, L, n)} dtype={dtype} layout={layout}"
+            u, delta, A, B, C, D, z, h0 = _gpu_inputs(b, d, L, n, dtype, layout, seed=L + n)
+            f64 = [t.double() for t in (u, delta, A, B, C, D, z, h0)]
+            ref64, last64 = selective_scan_ref(*f64, out_dtype=torch.float64)
+            eager, last = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D, z.float(), h0,
+                                             torch.float32)
+            for _ in range(2):
+                y, hl = torch.ops.fxopt.selective_scan(u, delta, A, B, C, D, z, h0, torch.float32)
+                _check(GPU_CONTRACT, eager, y, ref64, case)
+                _check(GPU_CONTRACT, last, hl, last64, case + " h_last")
