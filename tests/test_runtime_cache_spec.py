@@ -3,6 +3,8 @@ from which the runtime allocates (a toy pass changes it without any change to th
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import fxopt
@@ -127,3 +129,24 @@ def test_prefill_and_decode_caches_must_agree():
     opt = fxopt.optimize(model, (ids,), passes=[PadKVHeadDim(only_decode=True)])
     with pytest.raises(CacheSpecError, match="prefill and decode graphs with different caches"):
         runtime.generate(opt, ids, max_new_tokens=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 1 << 20))
+def test_cache_length_buckets(total):
+    """Powers of two (>= 64) up to FINE_BUCKETS_FROM; past it, at most 12.5 % over the need (the
+    decode step reads the whole cache); never below it, and monotone in ``total``."""
+    from fxopt.runtime.engine import FINE_BUCKETS_FROM, MIN_CACHE_LENGTH
+
+    t = runtime.cache_length(total)
+    assert t >= total and t >= MIN_CACHE_LENGTH
+    if t <= FINE_BUCKETS_FROM:
+        assert t & (t - 1) == 0
+    else:
+        assert t <= total * 1.125 and t % 64 == 0
+    assert runtime.cache_length(total + 1) >= t
+
+
+def test_cache_length_fixed_points():
+    assert [runtime.cache_length(x) for x in (1, 65, 1024, 1025, 2048, 2049, 4097)] == \
+        [64, 128, 1024, 1152, 2048, 2304, 4608]
