@@ -379,13 +379,13 @@ def main(argv=None) -> int:
                 result["rows"].append(res)
                 if not args.child_peers:
                     print(json.dumps(res), flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                release_row_memory(model, device)
             if "floor" in family_rows and not args.child_peers:
                 result["rows"].append(floor_row(family, model, ids, args, bw, opt_holder))
-        del model, opt_holder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del opt_holder
+        release_row_memory(model, device)
+        del model
+        release_row_memory(None, device)
     if args.child_peers:
         print("PEER_JSON " + json.dumps(result["rows"]), flush=True)
         return 0
@@ -401,6 +401,20 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
     return 0
+
+
+def release_row_memory(model, device) -> None:
+    """Give back what a row left on the device before the next one. HF's generate keeps its static
+    cache on the model (``_cache``) and torch.compile keeps its graphs (and their pools): at b64
+    context 2048 the compiled row's leftovers made the next row run out of memory on the H200."""
+    if model is not None and getattr(model, "_cache", None) is not None:
+        model._cache = None
+    if device.type == "cuda":
+        import gc
+
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def print_table(result) -> None:
